@@ -208,10 +208,11 @@ def write_history(path, rows):
 
 
 def positive(type_):
+    """An argparse type: type_(text), accepted only when finite and > 0."""
     def parse(text):
         value = type_(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
         return value
     parse.__name__ = type_.__name__
     return parse

@@ -1,0 +1,197 @@
+"""Unit tests for utils.py: the grid layout, the loader on files written here, output checks."""
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import utils
+from conftest import idx_bytes, write_dataset, write_gz
+
+
+# --- save_images -------------------------------------------------------------------------------
+
+def test_save_images_places_image_k_at_row_k_div_10_column_k_mod_10(tmp_path):
+    images = np.zeros((100, 28, 28), np.uint8)
+    for k in range(100):
+        images[k] = k
+        images[k, 0, 1] = 255  # a mark that shows orientation: top row, second pixel
+    path = tmp_path / "grid.png"
+    utils.save_images(images, str(path))
+    img = Image.open(path)
+    assert img.mode == "L" and img.size == (280, 280)
+    grid = np.array(img)
+    for k in range(100):
+        r, c = divmod(k, 10)
+        block = grid[28 * r:28 * r + 28, 28 * c:28 * c + 28]
+        assert block[0, 1] == 255
+        block[0, 1] = k
+        assert (block == k).all(), f"image {k} not at row {r}, column {c}"
+
+
+def test_save_images_rejects_wrong_count(tmp_path):
+    with pytest.raises(ValueError):
+        utils.save_images(np.zeros((99, 28, 28), np.uint8), str(tmp_path / "x.png"))
+    assert not os.listdir(tmp_path)  # no half-written or temporary file left behind
+
+
+def test_pair_grid_puts_originals_in_even_columns():
+    originals = np.tile(np.arange(50)[:, None] / 255.0, (1, 784))
+    reconstructions = 1.0 - originals
+    grid = utils.pair_grid(originals, reconstructions)
+    assert grid.shape == (100, 28, 28)
+    for k in range(100):
+        r, c = divmod(k, 10)
+        i = 5 * r + c // 2
+        expected = i if c % 2 == 0 else 255 - i
+        assert (grid[k] == expected).all()
+
+
+# --- load_fashion_mnist ----------------------------------------------------------------------
+
+def test_loader_reads_what_was_written(tmp_path):
+    (x_train, y_train), (x_test, y_test) = write_dataset(str(tmp_path), n_train=30, n_test=20)
+    (a, b), (c, d) = utils.load_fashion_mnist(str(tmp_path))
+    assert a.dtype == np.uint8 and a.shape == (30, 28, 28) and b.shape == (30,)
+    assert c.shape == (20, 28, 28) and d.shape == (20,)
+    np.testing.assert_array_equal(a, x_train)
+    np.testing.assert_array_equal(b, y_train)
+    np.testing.assert_array_equal(c, x_test)
+    np.testing.assert_array_equal(d, y_test)
+
+
+def corrupt(folder, file, payload, compress=True):
+    path = os.path.join(folder, utils.FILES[file])
+    if compress:
+        write_gz(path, payload)
+    else:
+        with open(path, "wb") as f:
+            f.write(payload)
+    return path
+
+
+IMAGES = np.random.default_rng(0).integers(0, 256, (30, 28, 28), dtype=np.uint8)
+CASES = {
+    "not gzip": (b"plain bytes, not gzip", False, "not a readable gzip file"),
+    "empty file": (b"", False, "too short for an IDX header"),
+    "truncated gzip": (gzip.compress(idx_bytes(IMAGES))[:200], False, "not a readable gzip file"),
+    "short header": (b"\x00\x00\x08", True, "too short for an IDX header"),
+    "wrong magic": (idx_bytes(IMAGES, magic=0x0801), True, "magic number 0x801, expected 0x803"),
+    "float data": (idx_bytes(IMAGES, magic=0x0D03), True, "magic number 0xd03"),
+    "not 28x28": (idx_bytes(np.zeros((30, 28, 27))), True, "28x27 pixels, expected 28x28"),
+    "too few bytes": (idx_bytes(IMAGES)[:-1], True, "header promises 30 images"),
+    "too many bytes": (idx_bytes(IMAGES) + b"\x00", True, "but the file holds"),
+    "billions promised": (idx_bytes(IMAGES)[:4] + (2**32 - 1).to_bytes(4, "big") + idx_bytes(IMAGES)[8:],
+                          True, "header promises 4294967295 images"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_loader_names_the_file_and_the_fault(tmp_path, case):
+    write_dataset(str(tmp_path), n_train=30, n_test=20)
+    payload, compress, message = CASES[case]
+    path = corrupt(str(tmp_path), "train_images", payload, compress)
+    with pytest.raises(ValueError) as info:
+        utils.load_fashion_mnist(str(tmp_path))
+    assert isinstance(info.value, utils.DataError)
+    assert path in str(info.value) and message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_loader_rejects_labels_with_images_magic(tmp_path):
+    write_dataset(str(tmp_path), n_train=30, n_test=20)
+    path = corrupt(str(tmp_path), "test_labels", idx_bytes(IMAGES[:20]))
+    with pytest.raises(utils.DataError, match="expected 0x801"):
+        utils.load_fashion_mnist(str(tmp_path))
+
+
+def test_loader_rejects_unequal_counts(tmp_path):
+    write_dataset(str(tmp_path), n_train=30, n_test=20)
+    path = corrupt(str(tmp_path), "train_labels", idx_bytes(np.zeros(29)))
+    with pytest.raises(utils.DataError, match="29 labels for 30 images") as info:
+        utils.load_fashion_mnist(str(tmp_path))
+    assert path in str(info.value)
+
+
+def test_named_folder_missing_files_is_an_error_not_a_fallback(tmp_path, monkeypatch):
+    good = tmp_path / "good"
+    write_dataset(str(good), n_train=30, n_test=20)
+    monkeypatch.setattr(utils, "DEBIAN_DIR", str(good))  # a fallback that would succeed
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(utils.DataError, match="missing train-images-idx3-ubyte.gz"):
+        utils.load_fashion_mnist(str(empty))
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(empty))
+    with pytest.raises(utils.DataError, match="FASHION_MNIST_DIR"):
+        utils.load_fashion_mnist()
+    with pytest.raises(utils.DataError, match="no such folder"):
+        utils.load_fashion_mnist(str(tmp_path / "nowhere"))
+
+
+def test_search_order(tmp_path, monkeypatch):
+    """--data-dir, then $FASHION_MNIST_DIR, then Keras's cache, then the Debian folder."""
+    sizes = {"arg": 11, "env": 12, "cache": 13, "debian": 14}
+    folders = {name: tmp_path / name for name in sizes}
+    cache = tmp_path / "keras_home" / "datasets" / "fashion-mnist"
+    folders["cache"] = cache
+    for name, folder in folders.items():
+        write_dataset(str(folder), n_train=sizes[name], n_test=5)
+    monkeypatch.setattr(utils, "DEBIAN_DIR", str(folders["debian"]))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(folders["env"]))
+
+    def n_train(data_dir=None):
+        return len(utils.load_fashion_mnist(data_dir)[0][0])
+
+    assert n_train(str(folders["arg"])) == 11
+    assert n_train() == 12
+    monkeypatch.delenv("FASHION_MNIST_DIR")
+    assert n_train() == 13
+    os.remove(cache / utils.FILES["test_labels"])
+    assert n_train() == 14
+
+
+def test_nothing_found_and_download_fails_says_how_to_get_the_data(tmp_path, monkeypatch):
+    import keras
+
+    def offline():
+        raise Exception("URL fetch failure: Name or service not known")
+
+    monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(utils, "DEBIAN_DIR", str(tmp_path / "none"))
+    monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", offline)
+    with pytest.raises(utils.DataError) as info:
+        utils.load_fashion_mnist()
+    assert "apt-get install dataset-fashion-mnist" in str(info.value)
+    assert "--data-dir" in str(info.value)
+
+
+# --- outputs and flags -------------------------------------------------------------------------
+
+def test_unwritable_output_folder_is_reported(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep me")
+    with pytest.raises(utils.UserError, match="cannot write to output folder"):
+        utils.prepare_out_dir(str(blocker / "out"))
+    assert blocker.read_text() == "keep me"
+
+
+def test_history_is_replaced_whole(tmp_path):
+    path = str(tmp_path / "history.csv")
+    utils.write_history(path, [{"epoch": 1, "loss": 0.5}])
+    utils.write_history(path, [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}])
+    assert open(path).read().splitlines() == ["epoch,loss", "1,0.5", "2,0.25"]
+    assert os.listdir(tmp_path) == ["history.csv"]
+
+
+@pytest.mark.parametrize("flags", [["--epochs", "0"], ["--batch-size", "-1"], ["--lr", "0"],
+                                   ["--lr", "nan"], ["--lr", "inf"], ["--epochs", "two"]])
+def test_parser_rejects_impossible_values(flags, capsys):
+    parser = utils.make_parser("test", epochs=3, out="x")
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(flags)
+    assert info.value.code == 2
+    assert "error" in capsys.readouterr().err
