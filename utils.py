@@ -168,7 +168,10 @@ def save_images(images, path):
     """
     images = np.asarray(images, np.uint8).reshape(10, 10, 28, 28)
     grid = images.transpose(0, 2, 1, 3).reshape(280, 280)
-    write_atomically(path, lambda tmp: Image.fromarray(grid, mode="L").save(tmp, format="PNG"))
+    # compress_level 1: half the encoding time of the default for 10% more bytes, as this runs
+    # every epoch
+    write_atomically(path, lambda tmp: Image.fromarray(grid, mode="L").save(
+        tmp, format="PNG", compress_level=1))
 
 
 def to_uint8(images):

@@ -100,7 +100,7 @@ def train(config):
     history = []
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
-        train_losses = train_epoch(x_train)
+        train_losses = {k: float(v) for k, v in train_epoch(x_train).items()}
         seconds = time.perf_counter() - start
         test_losses, x_hat, samples = evaluate(x_test)
         row = {"epoch": epoch, "seconds": round(seconds, 3)}
