@@ -5,13 +5,18 @@ Nothing here runs at import time beyond importing TensorFlow, so tests can impor
 
 import argparse
 import csv
+import glob
 import gzip
+import json
+import math
 import os
+import shutil
+import signal
 import sys
 import tempfile
-import time
 
 import numpy as np
+import keras
 import tensorflow as tf
 from PIL import Image
 
@@ -36,6 +41,12 @@ HOW_TO_GET_DATA = (
 
 class UserError(Exception):
     """An expected mistake (bad data, bad flags, unwritable output): reported in one line."""
+    exit_code = 2
+
+
+class Diverged(UserError):
+    """The loss stopped being finite."""
+    exit_code = 3
 
 
 class DataError(UserError, ValueError):
@@ -150,8 +161,8 @@ def load_fashion_mnist(data_dir=None):
 
 def write_atomically(path, write):
     """Call write(tmp_path), then rename over path, so path is never left half-written."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    folder, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(dir=folder or ".", prefix=".tmp-", suffix="-" + name)
     os.close(fd)
     try:
         write(tmp)
@@ -161,13 +172,18 @@ def write_atomically(path, write):
         raise
 
 
+def make_grid(images):
+    """100 28x28 images -> one 280x280 array, image k at row k // 10, column k % 10."""
+    images = np.asarray(images, np.uint8).reshape(10, 10, 28, 28)
+    return images.transpose(0, 2, 1, 3).reshape(280, 280)
+
+
 def save_images(images, path):
     """Save 100 28x28 uint8 images as one 280x280 grayscale PNG, a 10x10 grid in row-major order.
 
     Image k lands at row k // 10, column k % 10.
     """
-    images = np.asarray(images, np.uint8).reshape(10, 10, 28, 28)
-    grid = images.transpose(0, 2, 1, 3).reshape(280, 280)
+    grid = make_grid(images)
     # compress_level 1: half the encoding time of the default for 10% more bytes, as this runs
     # every epoch
     write_atomically(path, lambda tmp: Image.fromarray(grid, mode="L").save(
@@ -176,7 +192,8 @@ def save_images(images, path):
 
 def to_uint8(images):
     """Pixels in [0, 1] (any shape with 784 per image) -> uint8 images of 28x28."""
-    return (np.clip(np.asarray(images), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).reshape(-1, 28, 28)
+    pixels = np.nan_to_num(np.clip(np.asarray(images), 0.0, 1.0))  # a diverged model gives NaN
+    return (pixels * 255.0 + 0.5).astype(np.uint8).reshape(-1, 28, 28)
 
 
 def pair_grid(originals, reconstructions):
@@ -193,6 +210,15 @@ def prepare_out_dir(out_dir):
     except OSError as e:
         raise UserError(f"cannot write to output folder {out_dir}: {e.strerror}; "
                         "choose another with --out") from None
+
+
+def write_json(path, obj):
+    """Write obj as indented JSON, replacing the file atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+    write_atomically(path, write)
 
 
 def write_history(path, rows):
@@ -234,17 +260,219 @@ def make_parser(description, epochs, out):
     parser.add_argument("--data-dir", default=None, metavar="DIR",
                         help="folder with the four Fashion-MNIST .gz files (default: "
                         "$FASHION_MNIST_DIR, Keras's cache, " + DEBIAN_DIR + ", then download)")
-    parser.add_argument("--out", default=out, metavar="DIR", help="output folder for grids and history")
+    parser.add_argument("--out", default=out, metavar="DIR",
+                        help="output folder for grids, history.csv, checkpoints and weights")
+    parser.add_argument("--logdir", default=None, metavar="DIR",
+                        help="also write TensorBoard summaries (losses, grids) to DIR")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its newest checkpoint, with its flags")
+    start.add_argument("--overwrite", action="store_true",
+                       help="delete the run already in --out and start afresh")
     return parser
 
 
-def run_main(prog, train, config):
-    """Run train(config); expected mistakes become one line on stderr and exit code 2."""
+def parse_config(parser, argv=None):
+    """Parse the flags; with --resume, flags not given take the values the run in --out used."""
+    config = parser.parse_args(argv)
+    if config.resume:
+        unset = object()
+        given = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(config)}))
+        for name, value in read_run_flags(config.out).items():
+            if getattr(given, name, None) is unset and name not in RESUMABLE_FLAGS:
+                setattr(config, name, value)
+    return config
+
+
+def run_main(prog, train, parser, argv=None):
+    """Parse the flags and run train(config); expected mistakes become one line on stderr."""
     try:
-        return train(config)
+        return train(parse_config(parser, argv))
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
+
+
+# ---------------------------------------------------------------------------------------------
+# One run's bookkeeping: checkpoints, resume, signals, divergence, progress, TensorBoard
+# ---------------------------------------------------------------------------------------------
+
+# Flags that may differ when a run is resumed; any other would change the run being continued.
+RESUMABLE_FLAGS = {"epochs", "data_dir", "out", "logdir", "resume", "overwrite"}
+# What a run writes into --out; --overwrite deletes these and nothing else.
+RUN_FILES = ("run.json", "history.csv", "checkpoints", "*_epoch_[0-9]*.png", "*.weights.h5")
+
+
+def read_run_flags(out_dir):
+    """The flags recorded in out_dir/run.json by the run there."""
+    path = os.path.join(out_dir, "run.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"--resume: {out_dir} holds no run to continue (no run.json); "
+                        "start without --resume") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"--resume: cannot read {path} ({e}); start afresh with --overwrite") from None
+
+
+class Run:
+    """The bookkeeping of one training run in its output folder, around the training loop.
+
+    It refuses to mix two runs in one folder (unless --resume or --overwrite), records the flags
+    in run.json, and after every epoch writes the grids, history.csv, TensorBoard summaries and a
+    checkpoint (model, optimizer, random generators, fixed probes, epoch), then reports progress.
+    With --resume it restores the newest checkpoint and the history up to it, so the run goes on
+    exactly as if never stopped. A non-finite loss stops the run (Diverged, exit code 3) before
+    anything of that epoch is written. SIGINT and SIGTERM stop it cleanly between epochs.
+
+    Use it as a context manager (it owns the signal handlers while training):
+
+        with utils.Run(config, "ae.py") as run:
+            first = run.restore(model=model, optimizer=optimizer, generator=generator)
+            for epoch in run.epochs(first):
+                ...
+                run.end_epoch(row, grids, "train bce 0.2850  test bce 0.2865")
+            run.save_weights(model, "ae.weights.h5")
+    """
+
+    def __init__(self, config, prog):
+        self.config, self.prog, self.out = config, prog, config.out
+        prepare_out_dir(self.out)
+        self.history_path = os.path.join(self.out, "history.csv")
+        flags = {k: v for k, v in sorted(vars(config).items()) if k not in RESUMABLE_FLAGS}
+        if config.resume:
+            saved = read_run_flags(self.out)
+            for name in sorted(set(saved) | set(flags)):
+                if saved.get(name) != flags.get(name):
+                    raise UserError(
+                        f"--resume: --{name.replace('_', '-')} {flags.get(name)} differs from the "
+                        f"run in {self.out} ({saved.get(name)}); resume with the run's flags, or "
+                        "start afresh with --overwrite")
+        else:
+            existing = sorted(p for pattern in RUN_FILES
+                              for p in glob.glob(os.path.join(self.out, pattern)))
+            if existing and not config.overwrite:
+                names = ", ".join(os.path.basename(p) for p in existing[:3])
+                raise UserError(f"{self.out} already holds a run ({names}{', ...' * (len(existing) > 3)}"
+                                "); continue it with --resume, or delete it and start afresh with "
+                                "--overwrite")
+            for path in existing:
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            write_json(os.path.join(self.out, "run.json"), flags)
+        self.history = []
+        self.writer = None
+        if config.logdir:
+            try:
+                import tensorboard  # noqa: F401  (tf.summary needs it to write anything)
+            except ImportError:
+                raise UserError("--logdir needs TensorBoard: pip install tensorboard") from None
+            try:
+                self.writer = tf.summary.create_file_writer(config.logdir)
+            except tf.errors.OpError as e:
+                raise UserError(f"--logdir {config.logdir}: cannot write there ({e.message})") from None
+        self.progbar = None
+        self.signal = None
+
+    def __enter__(self):
+        def stop(signum, frame):
+            self.signal = signum  # acted on between epochs, so no file is left half-written
+        self.old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.old_handlers.items():
+            signal.signal(s, handler)
+        if self.writer:
+            self.writer.close()
+
+    def restore(self, **objects):
+        """Track objects (models, optimizers, tf.random.Generators, fixed probes held in
+        tf.Variables) in the checkpoints; with --resume, load the newest checkpoint and the
+        history up to it. Returns the first epoch to train."""
+        self.epoch = tf.Variable(0, dtype=tf.int64)
+        self.checkpoint = tf.train.Checkpoint(epoch=self.epoch, **objects)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, os.path.join(self.out, "checkpoints"), max_to_keep=3)
+        if self.config.resume:
+            path = self.manager.latest_checkpoint
+            if path is None:
+                raise UserError(f"--resume: no checkpoint in {self.out}/checkpoints; "
+                                "start afresh with --overwrite")
+            try:
+                self.checkpoint.restore(path).assert_existing_objects_matched()
+            except (tf.errors.OpError, AssertionError, ValueError) as e:
+                reason = str(e).strip().splitlines()[0]
+                raise UserError(f"--resume: cannot restore {path} ({reason}); "
+                                "start afresh with --overwrite") from None
+            done = int(self.epoch)
+            if os.path.exists(self.history_path):
+                with open(self.history_path, newline="") as f:
+                    self.history = [row for row in csv.DictReader(f) if int(row["epoch"]) <= done]
+            print(f"resuming the run in {self.out} after epoch {done}", flush=True)
+        return int(self.epoch) + 1
+
+    def epochs(self, first):
+        """The epochs first .. --epochs; stops with exit code 128 + signal number when
+        SIGINT or SIGTERM arrived during the previous one."""
+        for epoch in range(first, self.config.epochs + 1):
+            if self.signal:
+                self.interrupted()
+            yield epoch
+
+    def interrupted(self):
+        name, done = signal.Signals(self.signal).name, int(self.epoch)
+        if done:
+            data = f" --data-dir {self.config.data_dir}" if self.config.data_dir else ""
+            print(f"{self.prog}: stopped by {name} after epoch {done}, checkpoint saved; continue "
+                  f"with: python {self.prog} --out {self.out}{data} --resume", file=sys.stderr,
+                  flush=True)
+        else:
+            print(f"{self.prog}: stopped by {name} before the first epoch ended; nothing to resume",
+                  file=sys.stderr, flush=True)
+        sys.exit(128 + self.signal)
+
+    def end_epoch(self, row, grids, figures):
+        """Record a finished epoch: row (epoch, seconds, the losses) goes to history.csv and
+        TensorBoard, grids ({name: 100 images}) to NAME_epoch_NNN.png; checkpoint; report."""
+        epoch = row["epoch"]
+        bad = [k for k, v in row.items() if not math.isfinite(v)]
+        if bad:
+            kept = self.manager.latest_checkpoint or "none, as no epoch finished"
+            raise Diverged(f"epoch {epoch}: {bad[0]} is {row[bad[0]]}; training diverged, most "
+                           f"likely because the learning rate ({self.config.lr}) is too high: "
+                           f"try a smaller --lr. Last good checkpoint: {kept}")
+        for name, images in grids.items():
+            save_images(images, os.path.join(self.out, f"{name}_epoch_{epoch:03d}.png"))
+        self.history.append(row)
+        write_history(self.history_path, self.history)
+        if self.writer:
+            with self.writer.as_default(step=epoch):
+                for name, value in row.items():
+                    if name != "epoch":
+                        tf.summary.scalar(name, value)
+                for name, images in grids.items():
+                    tf.summary.image(name, make_grid(images)[None, :, :, None])
+        self.epoch.assign(epoch)
+        self.manager.save(checkpoint_number=epoch)
+        self.report(row, figures)
+
+    def report(self, row, figures):
+        """A progress bar over the epochs on a terminal; one line per epoch otherwise."""
+        if sys.stdout.isatty():
+            if self.progbar is None:
+                names = [k for k in row if k not in ("epoch", "seconds")]
+                self.progbar = keras.utils.Progbar(self.config.epochs, stateful_metrics=names,
+                                                   unit_name="epoch")
+            self.progbar.update(row["epoch"], [(k, v) for k, v in row.items()
+                                               if k not in ("epoch", "seconds")])
+        else:
+            print(f"epoch {row['epoch']}/{self.config.epochs}  {figures}  ({row['seconds']:.2f} s)",
+                  flush=True)
+
+    def save_weights(self, model, name):
+        """The final weights, loadable with model.load_weights(path) into a built model."""
+        write_atomically(os.path.join(self.out, name), model.save_weights)
 
 
 # ---------------------------------------------------------------------------------------------

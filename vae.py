@@ -64,63 +64,64 @@ def compute_loss(model, x, eps):
 
 
 def train(config):
-    """Train a VAE as config says; write grids and history.csv to config.out; return the history."""
-    utils.prepare_out_dir(config.out)
-    (x_train, _), (x_test, _) = utils.load_fashion_mnist(config.data_dir)
-    x_train = tf.constant(x_train.reshape(-1, 784))  # uint8, scaled per batch in the step
-    x_test = tf.constant(x_test.reshape(-1, 784), tf.float32) / 255.0
-    x_probe = x_test[:50]  # the same test images in every epoch's grid
+    """Train a VAE as config says, writing into config.out; return the history rows."""
+    with utils.Run(config, "vae.py") as run:
+        (x_train, _), (x_test, _) = utils.load_fashion_mnist(config.data_dir)
+        x_train = tf.constant(x_train.reshape(-1, 784))  # uint8, scaled per batch in the step
+        x_test = tf.constant(x_test.reshape(-1, 784), tf.float32) / 255.0
+        x_probe = x_test[:50]  # the same test images in every epoch's grid
 
-    keras.utils.set_random_seed(config.seed)
-    model = VAE(config.z_dim)
-    generator = tf.random.Generator.from_seed(config.seed)  # shuffling and eps
-    # Fixed probes, drawn once: z for the sample grid, eps for a test ELBO comparable across epochs.
-    z_sample = generator.normal([100, config.z_dim])
-    eps_test = generator.normal([x_test.shape[0], config.z_dim])
-    model(x_probe, eps_test[:50])  # create the weights
-    optimizer = keras.optimizers.Adam(config.lr)
-    optimizer.build(model.trainable_variables)
+        keras.utils.set_random_seed(config.seed)
+        model = VAE(config.z_dim)
+        generator = tf.random.Generator.from_seed(config.seed)  # shuffling and eps
+        # Fixed probes, drawn once and kept in the checkpoints: z for the sample grid, eps for a
+        # test ELBO that changes only when the model does.
+        z_sample = tf.Variable(generator.normal([100, config.z_dim]), trainable=False)
+        eps_test = tf.Variable(generator.normal([x_test.shape[0], config.z_dim]), trainable=False)
+        model(x_probe, eps_test[:50])  # create the weights
+        optimizer = keras.optimizers.Adam(config.lr)
+        optimizer.build(model.trainable_variables)
 
-    def train_step(x):
-        eps = generator.normal([tf.shape(x)[0], config.z_dim])
-        with tf.GradientTape() as tape:
-            losses = compute_loss(model, x, eps)
-        grads = tape.gradient(losses["loss"], model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return losses
+        def train_step(x):
+            eps = generator.normal([tf.shape(x)[0], config.z_dim])
+            with tf.GradientTape() as tape:
+                losses = compute_loss(model, x, eps)
+            grads = tape.gradient(losses["loss"], model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return losses
 
-    train_epoch = utils.compile_epoch(train_step, ["loss", "rec", "kl"], generator, config.batch_size)
+        train_epoch = utils.compile_epoch(train_step, ["loss", "rec", "kl"], generator,
+                                          config.batch_size)
 
-    @tf.function(jit_compile=True)
-    def evaluate(x):
-        x_hat = tf.sigmoid(model(x_probe, eps_test[:50])[0])
-        samples = tf.sigmoid(model.decode(z_sample))
-        return compute_loss(model, x, eps_test), x_hat, samples
+        @tf.function(jit_compile=True)
+        def evaluate(x):
+            x_hat = tf.sigmoid(model(x_probe, eps_test[:50])[0])
+            samples = tf.sigmoid(model.decode(z_sample))
+            return compute_loss(model, x, eps_test), x_hat, samples
 
-    history = []
-    for epoch in range(1, config.epochs + 1):
-        start = time.perf_counter()
-        train_losses = {k: float(v) for k, v in train_epoch(x_train).items()}
-        seconds = time.perf_counter() - start
-        test_losses, x_hat, samples = evaluate(x_test)
-        row = {"epoch": epoch, "seconds": round(seconds, 3)}
-        for split, losses in (("train", train_losses), ("test", test_losses)):
-            row.update({f"{split}_{k}": float(losses[k]) for k in ("rec", "kl", "loss")})
-        history.append(row)
-        utils.save_images(utils.pair_grid(x_probe, x_hat), f"{config.out}/rec_epoch_{epoch:03d}.png")
-        utils.save_images(utils.to_uint8(samples), f"{config.out}/sample_epoch_{epoch:03d}.png")
-        utils.write_history(f"{config.out}/history.csv", history)
-        print(f"epoch {epoch}/{config.epochs}  train loss {row['train_loss']:.2f}  "
-              f"test loss {row['test_loss']:.2f} = rec {row['test_rec']:.2f} + kl {row['test_kl']:.2f}"
-              f"  (nats/image, {seconds:.2f} s)", flush=True)
-    return history
+        first = run.restore(model=model, optimizer=optimizer, generator=generator,
+                            z_sample=z_sample, eps_test=eps_test)
+        for epoch in run.epochs(first):
+            start = time.perf_counter()
+            train_losses = {k: float(v) for k, v in train_epoch(x_train).items()}
+            seconds = time.perf_counter() - start
+            test_losses, x_hat, samples = evaluate(x_test)
+            row = {"epoch": epoch, "seconds": round(seconds, 3)}
+            for split, losses in (("train", train_losses), ("test", test_losses)):
+                row.update({f"{split}_{k}": float(losses[k]) for k in ("rec", "kl", "loss")})
+            grids = {"rec": utils.pair_grid(x_probe, x_hat), "sample": utils.to_uint8(samples)}
+            run.end_epoch(row, grids, f"train loss {row['train_loss']:.2f}  test loss "
+                          f"{row['test_loss']:.2f} = rec {row['test_rec']:.2f} + kl "
+                          f"{row['test_kl']:.2f} (nats/image)")
+        run.save_weights(model, "vae.weights.h5")
+        return run.history
 
 
 def main(argv=None):
     parser = utils.make_parser(__doc__.splitlines()[0], epochs=1000, out="images/vae")
     parser.add_argument("--z-dim", type=utils.positive(int), default=10, metavar="N",
                         help="size of the latent code z")
-    utils.run_main("vae.py", train, parser.parse_args(argv))
+    utils.run_main("vae.py", train, parser, argv)
 
 
 if __name__ == "__main__":

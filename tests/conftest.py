@@ -56,6 +56,12 @@ def tiny_data(tmp_path_factory):
 
 def make_config(data_dir, out, **overrides):
     """The namespace a script's parser would give, for a short run on tiny data."""
-    values = dict(epochs=2, batch_size=64, lr=1e-3, seed=1, data_dir=data_dir, out=str(out))
+    values = dict(epochs=2, batch_size=64, lr=1e-3, seed=1, data_dir=data_dir, out=str(out),
+                  logdir=None, resume=False, overwrite=False)
     values.update(overrides)
     return argparse.Namespace(**values)
+
+
+def pytest_configure(config):
+    # Keras's own save_weights converts variables with np.array(x), which NumPy 2 flags; not ours.
+    config.addinivalue_line("filterwarnings", "ignore:__array__ implementation:DeprecationWarning")
