@@ -8,8 +8,10 @@ Measures, in one run on this machine (not collected by pytest):
      input gradients except for the first layer: 2 * (3 * forward MACs - first-layer MACs) * 60000;
   3. the steady training epoch of `python ae.py` / `python vae.py` run as users run them (the
      `seconds` column of their history.csv, median over the epochs after the first two);
-  4. what runs around training per epoch (test-set evaluation, grids, history): the median time
-     between two epoch lines of the script's output, minus its training seconds;
+  4. what runs around training per epoch (test-set evaluation, grids, history row, checkpoint):
+     the median time between two epoch lines of the script's output, minus its training
+     seconds; and, of that, the checkpoint alone (the same tf.train.CheckpointManager save of
+     model, optimizer and generator, timed here, median of 20);
   5. the same models trained by a plain eager GradientTape loop over tf.data batches, like the
      tutorial's code (without its per-step image saving, so the comparison favours it);
   6. the peak resident memory of each script's process.
@@ -82,6 +84,23 @@ def run_script(script, epochs, data_dir, out):
     return seconds[2:], walls[1:], peak_bytes
 
 
+def checkpoint_seconds(model, repeats=20):
+    """Median time of one CheckpointManager.save of model, Adam and a generator, as the scripts
+    save after every epoch."""
+    optimizer = keras.optimizers.Adam(1e-3)
+    optimizer.build(model.trainable_variables)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=tf.Variable(0),
+                                     generator=tf.random.Generator.from_seed(0))
+    with tempfile.TemporaryDirectory() as folder:
+        manager = tf.train.CheckpointManager(checkpoint, folder, max_to_keep=3)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            manager.save()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def eager_epochs(model, loss_fn, x_train, epochs, batch_size=512):
     """The tutorial's loop: tf.data batches, eager GradientTape, Adam; seconds per epoch."""
     optimizer = keras.optimizers.Adam(1e-3)
@@ -133,21 +152,23 @@ def main():
     rows = []
     for script, (model, loss_fn) in models.items():
         eager = statistics.median(eager_epochs(model, loss_fn, x_train, args.eager_epochs))
+        checkpoint_s = checkpoint_seconds(model)
         flops = training_flops(model)
         seconds, walls, peak = scripts[script]
         train_s, wall_s = statistics.median(seconds), statistics.median(walls)
         limit_s = flops / rate
-        rows.append((script, train_s, flops / 1e9, limit_s, train_s / limit_s,
-                     100 * (wall_s - train_s) / train_s, eager, eager / train_s, peak / 2**30))
+        around = 100 * (wall_s - train_s) / train_s
+        rows.append((script, train_s, flops / 1e9, limit_s, train_s / limit_s, around,
+                     around - 100 * checkpoint_s / train_s, eager, eager / train_s, peak / 2**30))
         print(f"{script}: eager loop {eager:.2f} s per epoch", flush=True)
 
     print()
-    print(f"| script | s/epoch (median) | GFLOP/epoch | FLOP-limit s | ratio | around training "
-          f"| eager loop s/epoch | speed-up | peak RSS |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| script | s/epoch (median) | GFLOP/epoch | FLOP-limit s | ratio | around training "
+          "| without checkpoint | eager loop s/epoch | speed-up | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]:.3f} | {r[2]:.1f} | {r[3]:.3f} | {r[4]:.2f}x | +{r[5]:.1f}% "
-              f"| {r[6]:.2f} | {r[7]:.1f}x | {r[8]:.2f} GB |")
+              f"| +{r[6]:.1f}% | {r[7]:.2f} | {r[8]:.1f}x | {r[9]:.2f} GB |")
     print(f"\n{device}; matmul {rate / 1e9:.0f} GFLOP/s; script epochs {args.epochs} "
           f"(median of epochs 3-{args.epochs}), eager epochs {args.eager_epochs}")
 
