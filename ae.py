@@ -1,21 +1,29 @@
 """Train an MLP autoencoder on Fashion-MNIST and save reconstruction grids of the test set.
 
 Usage: python ae.py [--epochs 100] [--h-dim 20] [--out images/ae]
+       [--loss bce|mse] [--noise SIGMA] [--adversarial] [--export-codes] [--compare-pca]
 
-Each epoch prints train and test binary cross-entropy per pixel, writes rec_epoch_NNN.png (test
-originals in the even columns, their reconstructions to the right) and appends to history.csv.
+Each epoch prints train and test losses per pixel, writes rec_epoch_NNN.png (test originals in
+the even columns, their reconstructions to the right) and appends to history.csv. The variants
+the tutorial describes are flags: a denoising autoencoder (--noise), an adversarial autoencoder
+whose codes follow N(0, I) (--adversarial, Makhzani et al. 2015), the codes as features
+(--export-codes) and the comparison with PCA (--compare-pca). summary.json sums the run up.
 """
 
+import argparse
 import os
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the log
 
+import numpy as np
 import tensorflow as tf
 import keras
 from keras import layers
 
 import utils
+
+EVAL_NOISE_SEED = (2015, 0)  # the same test noise for every run, so runs compare
 
 
 class AE(keras.Model):
@@ -38,60 +46,247 @@ class AE(keras.Model):
         return self.decoder(self.encoder(x))
 
 
-def compute_loss(model, x):
-    """Binary cross-entropy between x and the reconstruction, mean over pixels and batch."""
-    logits = model(x)
+def make_discriminator():
+    """The adversarial autoencoder's discriminator: a code -> the logit that it came from the prior."""
+    return keras.Sequential([
+        layers.Dense(256, activation="relu"),
+        layers.Dense(256, activation="relu"),
+        layers.Dense(1),
+    ])
+
+
+def corrupt(x, sigma, noise):
+    """The denoising autoencoder's input: x plus sigma times standard normal noise, kept in [0, 1]."""
+    return tf.clip_by_value(x + sigma * noise, 0.0, 1.0)
+
+
+def compute_loss(model, x_in, x):
+    """Losses of reconstructing x from x_in (the same, or a corrupted x), means over pixels and
+    batch: "bce", binary cross-entropy on the logits, and "mse", squared error of the sigmoid
+    outputs (the tutorial's choice for real-valued inputs)."""
+    logits = model(x_in)
     bce = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=x, logits=logits))
-    return {"bce": bce}
+    mse = tf.reduce_mean(tf.square(tf.sigmoid(logits) - x))
+    return {"bce": bce, "mse": mse}
+
+
+def bce_from_logits(labels, logits):
+    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
+
+
+def reconstruction_step(model, optimizer, x_in, x, loss):
+    """One update of encoder and decoder on the loss named by loss ("bce" or "mse")."""
+    with tf.GradientTape() as tape:
+        losses = compute_loss(model, x_in, x)
+    grads = tape.gradient(losses[loss], model.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    return losses
+
+
+def discriminator_step(model, discriminator, optimizer, x_in, z_prior):
+    """One update of the discriminator only: prior samples are real (1), codes are fake (0)."""
+    z = model.encoder(x_in)
+    with tf.GradientTape() as tape:
+        real, fake = discriminator(z_prior), discriminator(z)
+        loss = bce_from_logits(tf.ones_like(real), real) + bce_from_logits(tf.zeros_like(fake), fake)
+    grads = tape.gradient(loss, discriminator.trainable_variables)
+    optimizer.apply_gradients(zip(grads, discriminator.trainable_variables))
+    return loss
+
+
+def generator_step(model, discriminator, optimizer, x_in):
+    """One update of the encoder only, towards codes the discriminator takes for the prior's."""
+    with tf.GradientTape() as tape:
+        fake = discriminator(model.encoder(x_in))
+        loss = bce_from_logits(tf.ones_like(fake), fake)
+    grads = tape.gradient(loss, model.encoder.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.encoder.trainable_variables))
+    return loss
+
+
+def make_optimizers(config, model, discriminator=None):
+    """Adam for the reconstruction; for the adversarial game, Adam with beta_1 = 0.5 (Radford et
+    al. 2016) and rates that keep the two players even: the discriminator at a tenth of --lr,
+    the encoder's generator update at a third (found by measuring, see the README)."""
+    optimizers = {"optimizer": keras.optimizers.Adam(config.lr)}
+    optimizers["optimizer"].build(model.trainable_variables)
+    if discriminator is not None:
+        optimizers["disc_optimizer"] = keras.optimizers.Adam(config.lr / 10, beta_1=0.5)
+        optimizers["disc_optimizer"].build(discriminator.trainable_variables)
+        optimizers["gen_optimizer"] = keras.optimizers.Adam(config.lr / 3, beta_1=0.5)
+        optimizers["gen_optimizer"].build(model.encoder.trainable_variables)
+    return optimizers
+
+
+def make_train_step(config, model, optimizers, generator, discriminator=None):
+    """The step of one batch x: reconstruction update; with --adversarial, then the
+    discriminator's and the encoder's updates. Noise comes from generator."""
+    def train_step(x):
+        x_in = x
+        if config.noise:
+            x_in = corrupt(x, config.noise, generator.normal(tf.shape(x)))
+        losses = reconstruction_step(model, optimizers["optimizer"], x_in, x, config.loss)
+        if discriminator is not None:
+            z_prior = generator.normal([tf.shape(x)[0], config.h_dim])
+            losses["disc"] = discriminator_step(model, discriminator, optimizers["disc_optimizer"],
+                                                x_in, z_prior)
+            losses["gen"] = generator_step(model, discriminator, optimizers["gen_optimizer"], x_in)
+        return losses
+    return train_step
+
+
+def encode(model, x, chunk=10000):
+    """Codes of uint8 or float images (n, 784), in chunks; a NumPy array."""
+    return np.concatenate([model.encoder(tf.cast(x[i:i + chunk], tf.float32) /
+                                         (255.0 if x.dtype == np.uint8 else 1.0)).numpy()
+                           for i in range(0, len(x), chunk)])
+
+
+def compare_with_pca(config, model, x_train, y_train, x_test, y_test):
+    """PCA with --h-dim components against the autoencoder on the test set: reconstruction BCE
+    and MSE, and 5-nearest-neighbour accuracy on the codes. Writes pca_vs_ae.json and .png."""
+    x_train_f = x_train.reshape(-1, 784).astype(np.float32) / 255.0
+    x_test_f = x_test.reshape(-1, 784).astype(np.float32) / 255.0
+    mean, components = utils.fit_pca(x_train_f, config.h_dim)
+    pca_train, pca_test = (x_train_f - mean) @ components.T, (x_test_f - mean) @ components.T
+    # PCA's reconstructions are not probabilities: clipped to [0, 1], and BCE taken as Keras
+    # takes it on probabilities (clipped to [1e-7, 1 - 1e-7])
+    pca_rec = np.clip(pca_test @ components + mean, 0.0, 1.0).astype(np.float32)
+    ae_train, ae_test = encode(model, x_train_f), encode(model, x_test_f)
+    figures = {
+        "pca": {"bce": float(np.mean(keras.losses.binary_crossentropy(x_test_f, pca_rec))),
+                "mse": float(np.mean((pca_rec - x_test_f) ** 2)),
+                "knn_accuracy": utils.knn_accuracy(pca_train, y_train, pca_test, y_test, k=5)},
+        "ae": {**{k: float(v) for k, v in compute_loss(model, x_test_f, x_test_f).items()},
+               "knn_accuracy": utils.knn_accuracy(ae_train, y_train, ae_test, y_test, k=5)},
+    }
+    utils.write_json(os.path.join(config.out, "pca_vs_ae.json"), figures)
+    note = "" if config.h_dim == 2 else f" (first 2 principal directions of {config.h_dim}-D codes)"
+    utils.save_scatter_plots([(f"PCA{note}", utils.first_two_directions(pca_test)),
+                              (f"autoencoder{note}", utils.first_two_directions(ae_test))],
+                             y_test, os.path.join(config.out, "pca_vs_ae.png"))
+    for name in ("pca", "ae"):
+        f = figures[name]
+        print(f"{name:>3} with {config.h_dim} dimensions: test bce {f['bce']:.4f}  mse "
+              f"{f['mse']:.4f}  5-NN accuracy {f['knn_accuracy']:.4f}", flush=True)
+    return figures
 
 
 def train(config):
     """Train an AE as config says, writing into config.out; return the history rows."""
     with utils.Run(config, "ae.py") as run:
-        (x_train, _), (x_test, _) = utils.load_fashion_mnist(config.data_dir)
-        x_train = tf.constant(x_train.reshape(-1, 784))  # uint8, scaled per batch in the step
-        x_test = tf.constant(x_test.reshape(-1, 784), tf.float32) / 255.0
-        x_probe = x_test[:50]  # the same test images in every epoch's grid
+        started = time.perf_counter()
+        (x_train_u8, y_train), (x_test_u8, y_test) = utils.load_fashion_mnist(config.data_dir)
+        x_train = tf.constant(x_train_u8.reshape(-1, 784))  # uint8, scaled per batch in the step
+        x_test = tf.constant(x_test_u8.reshape(-1, 784), tf.float32) / 255.0
+        # Test inputs: clean, or with noise drawn once (stateless, from the seed) for a denoiser
+        x_test_in = x_test
+        if config.noise:
+            x_test_in = corrupt(x_test, config.noise,
+                                tf.random.stateless_normal(x_test.shape, seed=[config.seed, 1]))
+        x_probe, x_probe_in = x_test[:50], x_test_in[:50]  # the same images in every epoch's grid
 
         keras.utils.set_random_seed(config.seed)
         model = AE(config.h_dim)
         model(x_probe)  # create the weights
-        optimizer = keras.optimizers.Adam(config.lr)
-        optimizer.build(model.trainable_variables)
-        generator = tf.random.Generator.from_seed(config.seed)  # shuffling
+        discriminator = None
+        if config.adversarial:
+            discriminator = make_discriminator()
+            discriminator(tf.zeros([1, config.h_dim]))
+        optimizers = make_optimizers(config, model, discriminator)
+        generator = tf.random.Generator.from_seed(config.seed)  # shuffling and noise
+        z_prior = tf.random.stateless_normal([100, config.h_dim], seed=[config.seed, 2])
 
-        def train_step(x):
-            with tf.GradientTape() as tape:
-                losses = compute_loss(model, x)
-            grads = tape.gradient(losses["bce"], model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return losses
-
-        train_epoch = utils.compile_epoch(train_step, ["bce"], generator, config.batch_size)
+        names = [config.loss] + (["disc", "gen"] if config.adversarial else [])
+        train_step = make_train_step(config, model, optimizers, generator, discriminator)
+        train_epoch = utils.compile_epoch(train_step, names, generator, config.batch_size)
 
         @tf.function(jit_compile=True)
-        def evaluate(x):
-            return compute_loss(model, x), tf.sigmoid(model(x_probe))
+        def evaluate(x_in, x):
+            samples = tf.sigmoid(model.decoder(z_prior)) if config.adversarial else None
+            return compute_loss(model, x_in, x), tf.sigmoid(model(x_probe_in)), samples
 
-        first = run.restore(model=model, optimizer=optimizer, generator=generator)
+        tracked = dict(model=model, generator=generator, **optimizers)
+        if discriminator is not None:
+            tracked["discriminator"] = discriminator
+        first = run.restore(**tracked)
         for epoch in run.epochs(first):
             start = time.perf_counter()
             train_losses = {k: float(v) for k, v in train_epoch(x_train).items()}
             seconds = time.perf_counter() - start
-            test_losses, x_hat = evaluate(x_test)
-            row = {"epoch": epoch, "seconds": round(seconds, 3),
-                   "train_bce": train_losses["bce"], "test_bce": float(test_losses["bce"])}
-            run.end_epoch(row, {"rec": utils.pair_grid(x_probe, x_hat)},
-                          f"train bce {row['train_bce']:.4f}  test bce {row['test_bce']:.4f}")
+            test_losses, x_hat, samples = evaluate(x_test_in, x_test)
+            row = {"epoch": epoch, "seconds": round(seconds, 3)}
+            row.update({f"train_{k}": v for k, v in train_losses.items()})
+            row.update({f"test_{k}": float(v) for k, v in test_losses.items()})
+            grids = {"rec": (utils.triplet_grid(x_probe_in, x_hat, x_probe) if config.noise
+                             else utils.pair_grid(x_probe, x_hat))}
+            figures = (f"train {config.loss} {row['train_' + config.loss]:.4f}  test bce "
+                       f"{row['test_bce']:.4f}  test mse {row['test_mse']:.4f}")
+            if config.adversarial:
+                grids["sample"] = utils.to_uint8(samples)
+                figures += f"  disc {row['train_disc']:.3f}  gen {row['train_gen']:.3f}"
+            run.end_epoch(row, grids, figures)
         run.save_weights(model, "ae.weights.h5")
+
+        # What every run reports: denoising from fixed noise, and how Gaussian the codes are
+        x_noisy = corrupt(x_test, config.eval_noise,
+                          tf.random.stateless_normal(x_test.shape, seed=EVAL_NOISE_SEED))
+        summary = {
+            "flags": vars(config),
+            "final": run.history[-1] if run.history else None,
+            "train_seconds": sum(float(r["seconds"]) for r in run.history),
+            "eval_noise": config.eval_noise,
+            "test_bce_from_noisy": float(compute_loss(model, x_noisy, x_test)["bce"]),
+            "identity_bce_noisy": float(tf.reduce_mean(keras.losses.binary_crossentropy(x_test, x_noisy))),
+            **utils.code_statistics(encode(model, x_test.numpy())),
+        }
+        if config.export_codes:
+            codes = {"train_codes": encode(model, x_train_u8.reshape(-1, 784)), "train_labels": y_train,
+                     "test_codes": encode(model, x_test_u8.reshape(-1, 784)), "test_labels": y_test}
+            utils.write_atomically(os.path.join(config.out, "codes.npz"),
+                                   lambda tmp: np.savez(tmp, **codes))
+        if config.compare_pca:
+            summary["pca_vs_ae"] = compare_with_pca(config, model, x_train_u8, y_train, x_test_u8, y_test)
+        summary["total_seconds"] = round(time.perf_counter() - started, 1)
+        utils.write_json(os.path.join(config.out, "summary.json"), summary)
+        print(f"test bce from noisy inputs (sigma {config.eval_noise}): "
+              f"{summary['test_bce_from_noisy']:.4f} (the noisy input itself: "
+              f"{summary['identity_bce_noisy']:.4f});  codes: mean |mean| "
+              f"{summary['code_mean_abs']:.3f}, mean |std - 1| {summary['code_std_dev_from_1']:.3f}",
+              flush=True)
         return run.history
 
 
-def main(argv=None):
+def non_negative(text):
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def make_parser():
     parser = utils.make_parser(__doc__.splitlines()[0], epochs=100, out="images/ae")
     parser.add_argument("--h-dim", type=utils.positive(int), default=20, metavar="N",
                         help="size of the code")
-    utils.run_main("ae.py", train, parser, argv)
+    parser.add_argument("--loss", choices=["bce", "mse"], default="bce",
+                        help="training loss: binary cross-entropy, or squared error of the "
+                        "sigmoid outputs (for real-valued inputs)")
+    parser.add_argument("--noise", type=non_negative, default=0.0, metavar="SIGMA",
+                        help="denoising autoencoder: train on clip(x + SIGMA * N(0, 1), 0, 1) "
+                        "to reconstruct x")
+    parser.add_argument("--eval-noise", type=non_negative, default=0.3, metavar="SIGMA",
+                        help="noise of the test inputs for summary.json's test_bce_from_noisy")
+    parser.add_argument("--adversarial", action="store_true",
+                        help="adversarial autoencoder: a discriminator pushes the codes to N(0, I)")
+    parser.add_argument("--export-codes", action="store_true",
+                        help="write the train and test codes with their labels to codes.npz")
+    parser.add_argument("--compare-pca", action="store_true",
+                        help="compare with PCA of --h-dim components: pca_vs_ae.json and .png")
+    return parser
+
+
+def main(argv=None):
+    utils.run_main("ae.py", train, make_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -201,6 +201,14 @@ def pair_grid(originals, reconstructions):
     return np.stack([to_uint8(originals[:50]), to_uint8(reconstructions[:50])], 1).reshape(100, 28, 28)
 
 
+def triplet_grid(noisy, outputs, clean):
+    """30 noisy inputs, their outputs and the clean originals -> 100 images: each row holds three
+    (noisy, output, clean) triplets side by side; the last column stays black."""
+    triplets = np.stack([to_uint8(noisy[:30]), to_uint8(outputs[:30]), to_uint8(clean[:30])], 1)
+    rows = triplets.reshape(10, 9, 28, 28)
+    return np.concatenate([rows, np.zeros((10, 1, 28, 28), np.uint8)], 1).reshape(100, 28, 28)
+
+
 def prepare_out_dir(out_dir):
     """Create out_dir and check it is writable before any training starts."""
     try:
@@ -297,10 +305,13 @@ def run_main(prog, train, parser, argv=None):
 # One run's bookkeeping: checkpoints, resume, signals, divergence, progress, TensorBoard
 # ---------------------------------------------------------------------------------------------
 
-# Flags that may differ when a run is resumed; any other would change the run being continued.
-RESUMABLE_FLAGS = {"epochs", "data_dir", "out", "logdir", "resume", "overwrite"}
+# Flags that may differ when a run is resumed: where things are, how long to go on, and what to
+# measure at the end. Any other flag would change the run being continued.
+RESUMABLE_FLAGS = {"epochs", "data_dir", "out", "logdir", "resume", "overwrite",
+                   "eval_noise", "export_codes", "compare_pca", "iw_samples"}
 # What a run writes into --out; --overwrite deletes these and nothing else.
-RUN_FILES = ("run.json", "history.csv", "checkpoints", "*_epoch_[0-9]*.png", "*.weights.h5")
+RUN_FILES = ("run.json", "history.csv", "checkpoints", "*_epoch_[0-9]*.png", "*.weights.h5",
+             "summary.json", "codes.npz", "pca_vs_ae.json", "pca_vs_ae.png", "interpolation.png")
 
 
 def read_run_flags(out_dir):
@@ -473,6 +484,97 @@ class Run:
     def save_weights(self, model, name):
         """The final weights, loadable with model.load_weights(path) into a built model."""
         write_atomically(os.path.join(self.out, name), model.save_weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# Codes: PCA, nearest neighbours, statistics, scatter plots
+# ---------------------------------------------------------------------------------------------
+
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+               "Sneaker", "Bag", "Ankle boot")
+# tab10, the usual ten class colours
+COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
+
+
+def fit_pca(x, k):
+    """Principal component analysis by SVD of the centred data.
+
+    Args:
+        x: (n, d) array; k: number of components.
+    Returns:
+        (mean, components): (d,) and (k, d), the components orthonormal, by falling variance.
+        Codes are (x - mean) @ components.T; reconstructions codes @ components + mean.
+    """
+    x = np.asarray(x, np.float64)
+    mean = x.mean(0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    return mean, vt[:k]
+
+
+def knn_accuracy(train_codes, train_labels, test_codes, test_labels, k=5, chunk=1000):
+    """Accuracy of a k-nearest-neighbour vote (Euclidean; a tie goes to the nearer class)."""
+    train_codes = np.asarray(train_codes, np.float32)
+    train_sq = (train_codes ** 2).sum(1)
+    correct = 0
+    for start in range(0, len(test_codes), chunk):
+        q = np.asarray(test_codes[start:start + chunk], np.float32)
+        d2 = train_sq[None, :] - 2 * q @ train_codes.T  # + |q|^2, the same along each row
+        nearest = np.argpartition(d2, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(d2, nearest, 1).argsort(1)
+        votes = np.asarray(train_labels)[np.take_along_axis(nearest, order, 1)]  # nearest first
+        for row, truth in zip(votes, test_labels[start:start + chunk]):
+            counts = np.bincount(row, minlength=10)
+            winners = np.flatnonzero(counts == counts.max())
+            correct += next(c for c in row if c in winners) == truth
+    return correct / len(test_codes)
+
+
+def code_statistics(codes):
+    """How far codes are from N(0, I), averaged over the code dimensions:
+    {"code_mean_abs": mean |mean_d|, "code_std_dev_from_1": mean |std_d - 1|}."""
+    codes = np.asarray(codes, np.float64)
+    return {"code_mean_abs": float(np.abs(codes.mean(0)).mean()),
+            "code_std_dev_from_1": float(np.abs(codes.std(0) - 1).mean())}
+
+
+def first_two_directions(codes):
+    """The codes themselves when 2-D, else their projection on their first two principal
+    directions."""
+    if codes.shape[1] == 2:
+        return codes
+    mean, components = fit_pca(codes, 2)
+    return (codes - mean) @ components.T
+
+
+def save_scatter_plots(panels, labels, path, size=400):
+    """Scatter plots side by side, points coloured by class, with a legend of the class names.
+
+    Args:
+        panels: [(title, points of shape (n, 2))].
+        labels: (n,) class of each point.
+    """
+    from PIL import ImageDraw, ImageFont
+    font = ImageFont.load_default()
+    top, margin, legend = 40, 10, 130
+    image = Image.new("RGB", (len(panels) * (size + margin) + margin + legend, size + top + margin),
+                      "white")
+    draw = ImageDraw.Draw(image)
+    for i, (title, points) in enumerate(panels):
+        x0 = margin + i * (size + margin)
+        draw.text((x0, 8), title, fill="black", font=font)
+        draw.rectangle([x0, top, x0 + size, top + size], outline="black")
+        lo, hi = np.percentile(points, [0.5, 99.5], axis=0)  # a few outliers don't squash the rest
+        xy = np.clip((points - lo) / np.maximum(hi - lo, 1e-12), 0, 1) * (size - 8) + 4
+        for (px, py), label in zip(xy, labels):
+            px, py = x0 + px, top + size - py  # y grows upwards, as on a plot
+            draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill=COLOURS[label])
+    x0 = margin + len(panels) * (size + margin)
+    for c, name in enumerate(CLASS_NAMES):
+        y = top + 10 + 18 * c
+        draw.rectangle([x0, y, x0 + 10, y + 10], fill=COLOURS[c])
+        draw.text((x0 + 16, y - 1), name, fill="black", font=font)
+    write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,11 +1,15 @@
 """Train a variational autoencoder on Fashion-MNIST; save reconstruction and sample grids.
 
-Usage: python vae.py [--epochs 1000] [--z-dim 10] [--out images/vae]
+Usage: python vae.py [--epochs 1000] [--z-dim 10] [--out images/vae] [--beta 1] [--iw-samples 1000]
 
 Each epoch prints the train and test negative ELBO in nats per image (reconstruction + KL), writes
 rec_epoch_NNN.png (test originals and reconstructions side by side) and sample_epoch_NNN.png
-(100 images decoded from one fixed set of z ~ N(0, I)), and appends to history.csv.
+(100 images decoded from one fixed set of z ~ N(0, I)), with --z-dim 2 also manifold_epoch_NNN.png
+(the decoded latent plane), and appends to history.csv. At the end it writes interpolation.png
+and summary.json with an importance-weighted estimate of the test negative log-likelihood.
 """
+
+import math
 
 import os
 import time
@@ -54,6 +58,35 @@ def kl_divergence(mu, log_var):
     return -0.5 * tf.reduce_sum(1.0 + log_var - tf.square(mu) - tf.exp(log_var), axis=-1)
 
 
+def log_mean_exp(a, axis=0):
+    """log(mean(exp(a))) along axis, stable for large |a|: reduce_logsumexp takes the maximum
+    out before exponentiating."""
+    return tf.reduce_logsumexp(a, axis) - tf.math.log(tf.cast(tf.shape(a)[axis], a.dtype))
+
+
+def log_importance_weights(model, x, eps):
+    """log p(x, z_k) - log q(z_k | x) for z_k = mu + sigma * eps[k]; eps has shape (K, n, z_dim),
+    the result (K, n)."""
+    mu, log_var = model.encode(x)
+    z = model.reparameterize(mu, log_var, eps)
+    logits = model.decode(tf.reshape(z, [-1, tf.shape(z)[-1]]))
+    logits = tf.reshape(logits, [tf.shape(eps)[0], tf.shape(x)[0], -1])
+    log_px_z = -tf.reduce_sum(
+        tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.broadcast_to(x, tf.shape(logits)),
+                                                logits=logits), axis=-1)
+    log_2pi = math.log(2 * math.pi)
+    log_pz = -0.5 * tf.reduce_sum(tf.square(z) + log_2pi, axis=-1)
+    log_qz = -0.5 * tf.reduce_sum(tf.square(eps) + log_var + log_2pi, axis=-1)
+    return log_px_z + log_pz - log_qz
+
+
+def iw_nll(model, x, eps):
+    """Importance-weighted estimate of -log p(x) per image from K = len(eps) samples of q
+    (Burda et al. 2016): -log (1/K) sum_k p(x, z_k) / q(z_k | x). It is an upper bound of the
+    true negative log-likelihood that tightens as K grows, the ELBO being the K = 1 case."""
+    return -log_mean_exp(log_importance_weights(model, x, eps), axis=0)
+
+
 def compute_loss(model, x, eps):
     """Negative ELBO: BCE summed over pixels plus KL, each averaged over the batch (nats/image)."""
     logits, mu, log_var = model(x, eps)
@@ -63,9 +96,40 @@ def compute_loss(model, x, eps):
     return {"loss": rec + kl, "rec": rec, "kl": kl}
 
 
+def latent_grid(n=10):
+    """z of the latent-plane map: the normal distribution's quantiles 5% .. 95% along each axis,
+    z_1 growing to the right and z_2 upwards (as in the Keras and TensorFlow VAE examples)."""
+    q = tf.math.ndtri(tf.linspace(0.05, 0.95, n))
+    z1, z2 = tf.meshgrid(q, q[::-1])
+    return tf.stack([tf.reshape(z1, [-1]), tf.reshape(z2, [-1])], axis=1)
+
+
+def test_nll_iw(model, x_test, samples, seed, decodes_per_call=20000):
+    """Mean importance-weighted negative log-likelihood of the test set, in chunks of images so
+    that each call decodes about decodes_per_call samples; noise from a stateless seed."""
+    chunk = max(1, decodes_per_call // samples)
+    estimate = tf.function(iw_nll, jit_compile=True)
+    total = 0.0
+    for i, start in enumerate(range(0, len(x_test), chunk)):
+        x = x_test[start:start + chunk]
+        eps = tf.random.stateless_normal([samples, x.shape[0], model.fc2.units], seed=[seed, i])
+        total += float(tf.reduce_sum(estimate(model, x, eps)))
+    return total / len(x_test)
+
+
+def save_interpolations(model, x_test, path):
+    """For 10 pairs of test images (2k, 2k + 1), 10 decodings along the line between their means."""
+    mu, _ = model.encode(x_test[:20])
+    a, b = mu[0::2, None, :], mu[1::2, None, :]
+    t = tf.linspace(0.0, 1.0, 10)[None, :, None]
+    z = tf.reshape((1 - t) * a + t * b, [100, -1])
+    utils.save_images(utils.to_uint8(tf.sigmoid(model.decode(z))), path)
+
+
 def train(config):
     """Train a VAE as config says, writing into config.out; return the history rows."""
     with utils.Run(config, "vae.py") as run:
+        started = time.perf_counter()
         (x_train, _), (x_test, _) = utils.load_fashion_mnist(config.data_dir)
         x_train = tf.constant(x_train.reshape(-1, 784))  # uint8, scaled per batch in the step
         x_test = tf.constant(x_test.reshape(-1, 784), tf.float32) / 255.0
@@ -78,6 +142,7 @@ def train(config):
         # test ELBO that changes only when the model does.
         z_sample = tf.Variable(generator.normal([100, config.z_dim]), trainable=False)
         eps_test = tf.Variable(generator.normal([x_test.shape[0], config.z_dim]), trainable=False)
+        z_plane = latent_grid() if config.z_dim == 2 else None
         model(x_probe, eps_test[:50])  # create the weights
         optimizer = keras.optimizers.Adam(config.lr)
         optimizer.build(model.trainable_variables)
@@ -86,7 +151,8 @@ def train(config):
             eps = generator.normal([tf.shape(x)[0], config.z_dim])
             with tf.GradientTape() as tape:
                 losses = compute_loss(model, x, eps)
-            grads = tape.gradient(losses["loss"], model.trainable_variables)
+                objective = losses["rec"] + config.beta * losses["kl"]  # beta-VAE; 1: the ELBO
+            grads = tape.gradient(objective, model.trainable_variables)
             optimizer.apply_gradients(zip(grads, model.trainable_variables))
             return losses
 
@@ -96,8 +162,10 @@ def train(config):
         @tf.function(jit_compile=True)
         def evaluate(x):
             x_hat = tf.sigmoid(model(x_probe, eps_test[:50])[0])
-            samples = tf.sigmoid(model.decode(z_sample))
-            return compute_loss(model, x, eps_test), x_hat, samples
+            grids = {"sample": tf.sigmoid(model.decode(z_sample))}
+            if z_plane is not None:
+                grids["manifold"] = tf.sigmoid(model.decode(z_plane))
+            return compute_loss(model, x, eps_test), x_hat, grids
 
         first = run.restore(model=model, optimizer=optimizer, generator=generator,
                             z_sample=z_sample, eps_test=eps_test)
@@ -105,23 +173,49 @@ def train(config):
             start = time.perf_counter()
             train_losses = {k: float(v) for k, v in train_epoch(x_train).items()}
             seconds = time.perf_counter() - start
-            test_losses, x_hat, samples = evaluate(x_test)
+            test_losses, x_hat, decoded = evaluate(x_test)
             row = {"epoch": epoch, "seconds": round(seconds, 3)}
             for split, losses in (("train", train_losses), ("test", test_losses)):
                 row.update({f"{split}_{k}": float(losses[k]) for k in ("rec", "kl", "loss")})
-            grids = {"rec": utils.pair_grid(x_probe, x_hat), "sample": utils.to_uint8(samples)}
+            row["beta"] = config.beta
+            grids = {"rec": utils.pair_grid(x_probe, x_hat)}
+            grids.update({name: utils.to_uint8(images) for name, images in decoded.items()})
             run.end_epoch(row, grids, f"train loss {row['train_loss']:.2f}  test loss "
                           f"{row['test_loss']:.2f} = rec {row['test_rec']:.2f} + kl "
                           f"{row['test_kl']:.2f} (nats/image)")
         run.save_weights(model, "vae.weights.h5")
+
+        save_interpolations(model, x_test, f"{config.out}/interpolation.png")
+        final = run.history[-1] if run.history else None
+        summary = {
+            "flags": vars(config),
+            "final": final,
+            "train_seconds": sum(float(r["seconds"]) for r in run.history),
+            "test_neg_elbo": float(final["test_loss"]) if final else None,
+            "iw_samples": config.iw_samples,
+            "test_nll_iw": test_nll_iw(model, x_test, config.iw_samples, config.seed),
+        }
+        summary["total_seconds"] = round(time.perf_counter() - started, 1)
+        utils.write_json(f"{config.out}/summary.json", summary)
+        print(f"test negative log-likelihood, importance-weighted with {config.iw_samples} "
+              f"samples: {summary['test_nll_iw']:.2f} nats/image (negative ELBO "
+              f"{summary['test_neg_elbo']:.2f})", flush=True)
         return run.history
 
 
-def main(argv=None):
+def make_parser():
     parser = utils.make_parser(__doc__.splitlines()[0], epochs=1000, out="images/vae")
     parser.add_argument("--z-dim", type=utils.positive(int), default=10, metavar="N",
-                        help="size of the latent code z")
-    utils.run_main("vae.py", train, parser, argv)
+                        help="size of the latent code z (2 adds the latent-plane map)")
+    parser.add_argument("--beta", type=utils.positive(float), default=1.0, metavar="B",
+                        help="weight of the KL term in the training loss (beta-VAE)")
+    parser.add_argument("--iw-samples", type=utils.positive(int), default=1000, metavar="K",
+                        help="samples per test image for the importance-weighted likelihood")
+    return parser
+
+
+def main(argv=None):
+    utils.run_main("vae.py", train, make_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def main():
     z_dim = 10
     eps = lambda x: tf.random.normal([tf.shape(x)[0], z_dim])
     models = {
-        "ae.py": (ae.AE(20), lambda m, x: ae.compute_loss(m, x)["bce"]),
+        "ae.py": (ae.AE(20), lambda m, x: ae.compute_loss(m, x, x)["bce"]),
         "vae.py": (vae.VAE(z_dim), lambda m, x: vae.compute_loss(m, x, eps(x))["loss"]),
     }
     rows = []

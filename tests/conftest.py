@@ -1,6 +1,5 @@
 """Shared fixtures: tiny Fashion-MNIST-shaped IDX files written by the tests themselves."""
 
-import argparse
 import gzip
 import os
 import sys
@@ -54,12 +53,16 @@ def tiny_data(tmp_path_factory):
     return folder, write_dataset(folder)
 
 
-def make_config(data_dir, out, **overrides):
-    """The namespace a script's parser would give, for a short run on tiny data."""
-    values = dict(epochs=2, batch_size=64, lr=1e-3, seed=1, data_dir=data_dir, out=str(out),
-                  logdir=None, resume=False, overwrite=False)
+def make_config(script, data_dir, out, **overrides):
+    """The flags script's parser gives by default, for a short run on tiny data, changed by
+    overrides (h_dim=6 for --h-dim 6)."""
+    config = script.make_parser().parse_args(["--data-dir", data_dir, "--out", str(out)])
+    values = dict(epochs=2, batch_size=64, seed=1, iw_samples=20)
     values.update(overrides)
-    return argparse.Namespace(**values)
+    for name, value in values.items():
+        if hasattr(config, name) or name in overrides:
+            setattr(config, name, value)
+    return config
 
 
 def pytest_configure(config):

@@ -30,16 +30,18 @@ def test_loss_is_bce_per_pixel():
     p = 1 / (1 + np.exp(-logits.astype(np.float64)))
     xn = x.numpy().astype(np.float64)
     expected = -np.mean(xn * np.log(p) + (1 - xn) * np.log(1 - p))
-    assert float(ae.compute_loss(model, x)["bce"]) == pytest.approx(expected, rel=1e-5)
+    losses = ae.compute_loss(model, x, x)
+    assert float(losses["bce"]) == pytest.approx(expected, rel=1e-5)
+    assert float(losses["mse"]) == pytest.approx(np.mean((p - xn) ** 2), rel=1e-5)
 
 
 def test_two_epochs_end_to_end(tiny_data, tmp_path):
     data_dir, _ = tiny_data
-    history = ae.train(make_config(data_dir, tmp_path, h_dim=8))
+    history = ae.train(make_config(ae, data_dir, tmp_path, h_dim=8))
     assert [row["epoch"] for row in history] == [1, 2]
     with open(tmp_path / "history.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["epoch", "seconds", "train_bce", "test_bce"]
+    assert list(rows[0]) == ["epoch", "seconds", "train_bce", "test_bce", "test_mse"]
     assert [float(r["test_bce"]) for r in rows] == pytest.approx([r["test_bce"] for r in history])
     assert float(rows[1]["test_bce"]) < float(rows[0]["test_bce"])
     assert float(rows[1]["train_bce"]) < float(rows[0]["train_bce"])
@@ -55,7 +57,7 @@ def test_two_epochs_end_to_end(tiny_data, tmp_path):
 
 def test_same_seed_same_history(tiny_data, tmp_path):
     data_dir, _ = tiny_data
-    runs = [ae.train(make_config(data_dir, tmp_path / str(i), epochs=1, h_dim=8)) for i in range(2)]
+    runs = [ae.train(make_config(ae, data_dir, tmp_path / str(i), epochs=1, h_dim=8)) for i in range(2)]
     assert runs[0][0]["test_bce"] == runs[1][0]["test_bce"]
     assert runs[0][0]["train_bce"] == runs[1][0]["train_bce"]
 

@@ -31,9 +31,9 @@ def without_seconds(rows):
 @pytest.mark.parametrize("script, extra", [(ae, {"h_dim": 6}), (vae, {"z_dim": 3})])
 def test_resumed_run_matches_an_uninterrupted_one(tiny_data, tmp_path, script, extra):
     data_dir, _ = tiny_data
-    script.train(make_config(data_dir, tmp_path / "whole", epochs=4, seed=7, **extra))
-    script.train(make_config(data_dir, tmp_path / "split", epochs=2, seed=7, **extra))
-    script.train(make_config(data_dir, tmp_path / "split", epochs=4, seed=7, resume=True, **extra))
+    script.train(make_config(script, data_dir, tmp_path / "whole", epochs=4, seed=7, **extra))
+    script.train(make_config(script, data_dir, tmp_path / "split", epochs=2, seed=7, **extra))
+    script.train(make_config(script, data_dir, tmp_path / "split", epochs=4, seed=7, resume=True, **extra))
     whole, split = read_history(tmp_path / "whole"), read_history(tmp_path / "split")
     assert [r["epoch"] for r in split] == ["1", "2", "3", "4"]  # appended, none lost or doubled
     for a, b in zip(whole, split):
@@ -50,18 +50,18 @@ def test_resumed_run_matches_an_uninterrupted_one(tiny_data, tmp_path, script, e
 def test_same_seed_same_history_apart_from_seconds(tiny_data, tmp_path):
     data_dir, _ = tiny_data
     for name in ("a", "b"):
-        vae.train(make_config(data_dir, tmp_path / name, z_dim=3, seed=11))
+        vae.train(make_config(vae, data_dir, tmp_path / name, z_dim=3, seed=11))
     a, b = read_history(tmp_path / "a"), read_history(tmp_path / "b")
     assert without_seconds(a) == without_seconds(b)
-    vae.train(make_config(data_dir, tmp_path / "c", z_dim=3, seed=12))
+    vae.train(make_config(vae, data_dir, tmp_path / "c", z_dim=3, seed=12))
     assert without_seconds(read_history(tmp_path / "c")) != without_seconds(a)
 
 
 def test_resume_refuses_a_different_model(tiny_data, tmp_path):
     data_dir, _ = tiny_data
-    ae.train(make_config(data_dir, tmp_path, epochs=1, h_dim=6))
+    ae.train(make_config(ae, data_dir, tmp_path, epochs=1, h_dim=6))
     with pytest.raises(utils.UserError, match=r"--h-dim 7 differs from the run .* \(6\)"):
-        ae.train(make_config(data_dir, tmp_path, epochs=2, h_dim=7, resume=True))
+        ae.train(make_config(ae, data_dir, tmp_path, epochs=2, h_dim=7, resume=True))
     assert len(read_history(tmp_path)) == 1
 
 
@@ -79,13 +79,13 @@ def test_resume_takes_the_runs_flags_when_not_given(tiny_data, tmp_path, capsys)
 
 def test_a_second_run_does_not_mix_with_the_first(tiny_data, tmp_path):
     data_dir, _ = tiny_data
-    ae.train(make_config(data_dir, tmp_path, epochs=2, h_dim=6))
+    ae.train(make_config(ae, data_dir, tmp_path, epochs=2, h_dim=6))
     (tmp_path / "notes.txt").write_text("mine")
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(utils.UserError, match="already holds a run.*--resume.*--overwrite"):
-        ae.train(make_config(data_dir, tmp_path, epochs=1, h_dim=6))
+        ae.train(make_config(ae, data_dir, tmp_path, epochs=1, h_dim=6))
     assert sorted(os.listdir(tmp_path)) == before
-    ae.train(make_config(data_dir, tmp_path, epochs=1, h_dim=6, overwrite=True))
+    ae.train(make_config(ae, data_dir, tmp_path, epochs=1, h_dim=6, overwrite=True))
     assert [r["epoch"] for r in read_history(tmp_path)] == ["1"]
     assert not os.path.exists(tmp_path / "rec_epoch_002.png")
     assert (tmp_path / "notes.txt").read_text() == "mine"  # only the run's own files go
@@ -93,19 +93,20 @@ def test_a_second_run_does_not_mix_with_the_first(tiny_data, tmp_path):
 
 def test_resume_drops_history_rows_newer_than_the_checkpoint(tiny_data, tmp_path):
     data_dir, _ = tiny_data
-    ae.train(make_config(data_dir, tmp_path, epochs=2, h_dim=6))
+    ae.train(make_config(ae, data_dir, tmp_path, epochs=2, h_dim=6))
     rows = read_history(tmp_path)
     utils.write_history(str(tmp_path / "history.csv"), rows + [dict(rows[-1], epoch="3")])
-    ae.train(make_config(data_dir, tmp_path, epochs=3, h_dim=6, resume=True))
+    ae.train(make_config(ae, data_dir, tmp_path, epochs=3, h_dim=6, resume=True))
     assert [r["epoch"] for r in read_history(tmp_path)] == ["1", "2", "3"]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
     data_dir, _ = tiny_data
-    ae.train(make_config(data_dir, tmp_path, epochs=2, h_dim=6))
+    ae.train(make_config(ae, data_dir, tmp_path, epochs=2, h_dim=6))
     checkpoints = sorted(os.listdir(tmp_path / "checkpoints"))
     real = ae.compute_loss
-    monkeypatch.setattr(ae, "compute_loss", lambda model, x: {"bce": real(model, x)["bce"] * np.nan})
+    monkeypatch.setattr(ae, "compute_loss",
+                        lambda model, x_in, x: {k: v * np.nan for k, v in real(model, x_in, x).items()})
     with pytest.raises(SystemExit) as info:
         ae.main(["--data-dir", data_dir, "--out", str(tmp_path), "--epochs", "3", "--resume"])
     assert info.value.code == 3
@@ -146,7 +147,7 @@ def test_signal_saves_the_last_epoch_and_says_how_to_resume(tiny_data, tmp_path,
 
 def test_saved_weights_load_into_a_new_model(tiny_data, tmp_path):
     data_dir, (_, (x_test, _)) = tiny_data
-    ae.train(make_config(data_dir, tmp_path, epochs=1, h_dim=6))
+    ae.train(make_config(ae, data_dir, tmp_path, epochs=1, h_dim=6))
     model = ae.AE(h_dim=6)
     x = tf.constant(x_test[:4].reshape(-1, 784), tf.float32) / 255.0
     model(x)  # build it, as load_weights needs
@@ -164,7 +165,7 @@ def test_saved_weights_load_into_a_new_model(tiny_data, tmp_path):
 
 def test_tensorboard_gets_every_loss_and_the_grids(tiny_data, tmp_path):
     data_dir, _ = tiny_data
-    vae.train(make_config(data_dir, tmp_path / "out", z_dim=3, logdir=str(tmp_path / "tb")))
+    vae.train(make_config(vae, data_dir, tmp_path / "out", z_dim=3, logdir=str(tmp_path / "tb")))
     tags = {}
     for path in glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*")):
         for event in tf.compat.v1.train.summary_iterator(path):
@@ -178,6 +179,6 @@ def test_tensorboard_gets_every_loss_and_the_grids(tiny_data, tmp_path):
 def test_progress_bar_on_a_terminal(tiny_data, tmp_path, monkeypatch, capsys):
     data_dir, _ = tiny_data
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    ae.train(make_config(data_dir, tmp_path, epochs=2, h_dim=6))
+    ae.train(make_config(ae, data_dir, tmp_path, epochs=2, h_dim=6))
     out = capsys.readouterr().out
     assert "2/2" in out and "test_bce" in out and "epoch 1/2  train bce" not in out

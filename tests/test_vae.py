@@ -62,12 +62,12 @@ def test_loss_is_summed_bce_plus_kl_averaged_over_the_batch():
 
 def test_two_epochs_end_to_end(tiny_data, tmp_path):
     data_dir, _ = tiny_data
-    vae.train(make_config(data_dir, tmp_path, z_dim=4))
+    vae.train(make_config(vae, data_dir, tmp_path, z_dim=4))
     with open(tmp_path / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert list(rows[0]) == ["epoch", "seconds", "train_rec", "train_kl", "train_loss",
-                             "test_rec", "test_kl", "test_loss"]
+                             "test_rec", "test_kl", "test_loss", "beta"]
     for r in rows:
         for split in ("train", "test"):
             assert float(r[f"{split}_loss"]) == pytest.approx(
