@@ -26,7 +26,7 @@ def test_noise_goes_into_the_inputs_and_not_the_targets(monkeypatch):
     model = ae.AE(4)
     x = tf.random.uniform([8, 784], seed=1)
     model(x)
-    optimizers = ae.make_optimizers(config, model)
+    optimizers = ae.make_optimizers(config, model, steps_per_epoch=10)
     seen = {}
     real = ae.compute_loss
 
@@ -77,7 +77,7 @@ def test_each_adversarial_update_touches_only_its_players_variables():
     x = tf.random.uniform([16, 784], seed=2)
     model(x)
     discriminator(tf.zeros([1, 3]))
-    optimizers = ae.make_optimizers(config, model, discriminator)
+    optimizers = ae.make_optimizers(config, model, 10, discriminator)
     enc, dec, disc = (model.encoder.trainable_variables, model.decoder.trainable_variables,
                       discriminator.trainable_variables)
 
