@@ -145,17 +145,19 @@ def make_train_step(config, model, optimizers, generator, discriminator=None):
 
 
 def encode(model, x, chunk=10000):
-    """Codes of uint8 or float images (n, 784), in chunks; a NumPy array."""
-    return np.concatenate([model.encoder(tf.cast(x[i:i + chunk], tf.float32) /
-                                         (255.0 if x.dtype == np.uint8 else 1.0)).numpy()
-                           for i in range(0, len(x), chunk)])
+    """Codes of images x (n, 784) in [0, 1], computed in chunks; a NumPy array (n, h_dim)."""
+    return np.concatenate([model.encoder(x[i:i + chunk]).numpy() for i in range(0, len(x), chunk)])
+
+
+def to_float(images):
+    """uint8 images (n, 28, 28) -> float32 (n, 784) in [0, 1]."""
+    return images.reshape(-1, 784).astype(np.float32) / 255.0
 
 
 def compare_with_pca(config, model, x_train, y_train, x_test, y_test):
     """PCA with --h-dim components against the autoencoder on the test set: reconstruction BCE
     and MSE, and 5-nearest-neighbour accuracy on the codes. Writes pca_vs_ae.json and .png."""
-    x_train_f = x_train.reshape(-1, 784).astype(np.float32) / 255.0
-    x_test_f = x_test.reshape(-1, 784).astype(np.float32) / 255.0
+    x_train_f, x_test_f = to_float(x_train), to_float(x_test)
     mean, components = utils.fit_pca(x_train_f, config.h_dim)
     pca_train, pca_test = (x_train_f - mean) @ components.T, (x_test_f - mean) @ components.T
     # PCA's reconstructions are not probabilities: clipped to [0, 1], and BCE taken as Keras
@@ -241,18 +243,22 @@ def train(config):
         # What every run reports: denoising from fixed noise, and how Gaussian the codes are
         x_noisy = corrupt(x_test, config.eval_noise,
                           tf.random.stateless_normal(x_test.shape, seed=EVAL_NOISE_SEED))
+        test_bce_from_noisy = evaluate(x_noisy, x_test)[0]["bce"]  # compiled already
+        identity_bce_noisy = np.mean([keras.losses.binary_crossentropy(x_test[i:i + 1000],
+                                                                       x_noisy[i:i + 1000])
+                                      for i in range(0, x_test.shape[0], 1000)])
         summary = {
             "flags": vars(config),
             "final": run.history[-1] if run.history else None,
-            "train_seconds": sum(float(r["seconds"]) for r in run.history),
+            "train_seconds": round(sum(float(r["seconds"]) for r in run.history), 1),
             "eval_noise": config.eval_noise,
-            "test_bce_from_noisy": float(compute_loss(model, x_noisy, x_test)["bce"]),
-            "identity_bce_noisy": float(tf.reduce_mean(keras.losses.binary_crossentropy(x_test, x_noisy))),
-            **utils.code_statistics(encode(model, x_test.numpy())),
+            "test_bce_from_noisy": float(test_bce_from_noisy),
+            "identity_bce_noisy": float(identity_bce_noisy),
+            **utils.code_statistics(encode(model, x_test)),
         }
         if config.export_codes:
-            codes = {"train_codes": encode(model, x_train_u8.reshape(-1, 784)), "train_labels": y_train,
-                     "test_codes": encode(model, x_test_u8.reshape(-1, 784)), "test_labels": y_test}
+            codes = {"train_codes": encode(model, to_float(x_train_u8)), "train_labels": y_train,
+                     "test_codes": encode(model, to_float(x_test_u8)), "test_labels": y_test}
             utils.write_atomically(os.path.join(config.out, "codes.npz"),
                                    lambda tmp: np.savez(tmp, **codes))
         if config.compare_pca:

@@ -159,6 +159,10 @@ def load_fashion_mnist(data_dir=None):
 # ---------------------------------------------------------------------------------------------
 
 
+UMASK = os.umask(0o022)
+os.umask(UMASK)  # read the process's umask (the only way is to set it) and put it back
+
+
 def write_atomically(path, write):
     """Call write(tmp_path), then rename over path, so path is never left half-written."""
     folder, name = os.path.split(path)
@@ -166,6 +170,7 @@ def write_atomically(path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)  # as open() would have made it, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -190,7 +190,7 @@ def train(config):
         summary = {
             "flags": vars(config),
             "final": final,
-            "train_seconds": sum(float(r["seconds"]) for r in run.history),
+            "train_seconds": round(sum(float(r["seconds"]) for r in run.history), 1),
             "test_neg_elbo": float(final["test_loss"]) if final else None,
             "iw_samples": config.iw_samples,
             "test_nll_iw": test_nll_iw(model, x_test, config.iw_samples, config.seed),

@@ -195,3 +195,8 @@ def test_parser_rejects_impossible_values(flags, capsys):
         parser.parse_args(flags)
     assert info.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    utils.save_images(np.zeros((100, 28, 28), np.uint8), str(tmp_path / "grid.png"))
+    assert (tmp_path / "grid.png").stat().st_mode & 0o777 == 0o666 & ~utils.UMASK
