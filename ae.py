@@ -10,7 +10,6 @@ whose codes follow N(0, I) (--adversarial, Makhzani et al. 2015), the codes as f
 (--export-codes) and the comparison with PCA (--compare-pca). summary.json sums the run up.
 """
 
-import argparse
 import os
 import time
 
@@ -60,18 +59,18 @@ def corrupt(x, sigma, noise):
     return tf.clip_by_value(x + sigma * noise, 0.0, 1.0)
 
 
+def bce_from_logits(labels, logits):
+    """Binary cross-entropy, mean over all elements."""
+    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
+
+
 def compute_loss(model, x_in, x):
     """Losses of reconstructing x from x_in (the same, or a corrupted x), means over pixels and
     batch: "bce", binary cross-entropy on the logits, and "mse", squared error of the sigmoid
     outputs (the tutorial's choice for real-valued inputs)."""
     logits = model(x_in)
-    bce = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=x, logits=logits))
-    mse = tf.reduce_mean(tf.square(tf.sigmoid(logits) - x))
-    return {"bce": bce, "mse": mse}
-
-
-def bce_from_logits(labels, logits):
-    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
+    return {"bce": bce_from_logits(x, logits),
+            "mse": tf.reduce_mean(tf.square(tf.sigmoid(logits) - x))}
 
 
 def reconstruction_step(model, optimizer, x_in, x, loss):
@@ -273,13 +272,6 @@ def train(config):
         return run.history
 
 
-def non_negative(text):
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
 def make_parser():
     parser = utils.make_parser(__doc__.splitlines()[0], epochs=100, out="images/ae")
     parser.add_argument("--h-dim", type=utils.positive(int), default=20, metavar="N",
@@ -287,10 +279,10 @@ def make_parser():
     parser.add_argument("--loss", choices=["bce", "mse"], default="bce",
                         help="training loss: binary cross-entropy, or squared error of the "
                         "sigmoid outputs (for real-valued inputs)")
-    parser.add_argument("--noise", type=non_negative, default=0.0, metavar="SIGMA",
+    parser.add_argument("--noise", type=utils.non_negative, default=0.0, metavar="SIGMA",
                         help="denoising autoencoder: train on clip(x + SIGMA * N(0, 1), 0, 1) "
                         "to reconstruct x")
-    parser.add_argument("--eval-noise", type=non_negative, default=0.3, metavar="SIGMA",
+    parser.add_argument("--eval-noise", type=utils.non_negative, default=0.3, metavar="SIGMA",
                         help="noise of the test inputs for summary.json's test_bce_from_noisy")
     parser.add_argument("--adversarial", action="store_true",
                         help="adversarial autoencoder: a discriminator pushes the codes to N(0, I)")

@@ -249,6 +249,14 @@ def write_history(path, rows):
 # ---------------------------------------------------------------------------------------------
 
 
+def non_negative(text):
+    """An argparse type: a finite float >= 0."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def positive(type_):
     """An argparse type: type_(text), accepted only when finite and > 0."""
     def parse(text):
@@ -304,6 +312,9 @@ def run_main(prog, train, parser, argv=None):
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # outside the epochs, where Run turns Ctrl-C into a clean stop
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,10 +408,13 @@ class Run:
         return self
 
     def __exit__(self, *exc):
-        for s, handler in self.old_handlers.items():
-            signal.signal(s, handler)
+        self.restore_signal_handlers()
         if self.writer:
             self.writer.close()
+
+    def restore_signal_handlers(self):
+        for s, handler in self.old_handlers.items():
+            signal.signal(s, handler)
 
     def restore(self, **objects):
         """Track objects (models, optimizers, tf.random.Generators, fixed probes held in
@@ -429,12 +443,15 @@ class Run:
         return int(self.epoch) + 1
 
     def epochs(self, first):
-        """The epochs first .. --epochs; stops with exit code 128 + signal number when
-        SIGINT or SIGTERM arrived during the previous one."""
+        """The epochs first .. --epochs; stops with exit code 128 + signal number when SIGINT or
+        SIGTERM arrived during the previous one. Once they are done, the signals act as usual."""
         for epoch in range(first, self.config.epochs + 1):
             if self.signal:
                 self.interrupted()
             yield epoch
+        if self.signal:  # during the last epoch: it is saved, the end-of-run work is left to --resume
+            self.interrupted()
+        self.restore_signal_handlers()  # the end-of-run work is not an epoch: Ctrl-C stops it at once
 
     def interrupted(self):
         name, done = signal.Signals(self.signal).name, int(self.epoch)

@@ -182,3 +182,26 @@ def test_progress_bar_on_a_terminal(tiny_data, tmp_path, monkeypatch, capsys):
     ae.train(make_config(ae, data_dir, tmp_path, epochs=2, h_dim=6))
     out = capsys.readouterr().out
     assert "2/2" in out and "test_bce" in out and "epoch 1/2  train bce" not in out
+
+
+def test_signals_act_as_usual_once_the_epochs_are_done(tiny_data, tmp_path, monkeypatch, capsys):
+    data_dir, _ = tiny_data
+    before = signal.getsignal(signal.SIGINT)
+    seen = {}
+    real = utils.write_json
+
+    def spy(path, obj):  # summary.json is written after the epochs
+        seen.setdefault(os.path.basename(path), signal.getsignal(signal.SIGINT))
+        return real(path, obj)
+
+    monkeypatch.setattr(utils, "write_json", spy)
+    ae.train(make_config(ae, data_dir, tmp_path, epochs=1, h_dim=6))
+    assert seen["summary.json"] is before and signal.getsignal(signal.SIGINT) is before
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as info:
+        utils.run_main("ae.py", interrupted, ae.make_parser(), ["--out", str(tmp_path / "x")])
+    assert info.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["ae.py: interrupted"]
