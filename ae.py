@@ -13,14 +13,12 @@ whose codes follow N(0, I) (--adversarial, Makhzani et al. 2015), the codes as f
 import os
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the log
+import utils  # first: it loads TensorFlow quietly, and answers Ctrl-C meanwhile
 
 import numpy as np
 import tensorflow as tf
 import keras
 from keras import layers
-
-import utils
 
 EVAL_NOISE_SEED = (2015, 0)  # the same test noise for every run, so runs compare
 
@@ -184,9 +182,9 @@ def compare_with_pca(config, model, x_train, y_train, x_test, y_test):
 
 def train(config):
     """Train an AE as config says, writing into config.out; return the history rows."""
-    with utils.Run(config, "ae.py") as run:
-        started = time.perf_counter()
-        (x_train_u8, y_train), (x_test_u8, y_test) = utils.load_fashion_mnist(config.data_dir)
+    started = time.perf_counter()
+    (x_train_u8, y_train), (x_test_u8, y_test) = utils.load_fashion_mnist(config.data_dir)
+    with utils.Run(config, "ae.py", n_train=len(x_train_u8)) as run:
         x_train = tf.constant(x_train_u8.reshape(-1, 784))  # uint8, scaled per batch in the step
         x_test = tf.constant(x_test_u8.reshape(-1, 784), tf.float32) / 255.0
         # Test inputs: clean, or with noise drawn once (stateless, from the seed) for a denoiser
@@ -223,7 +221,7 @@ def train(config):
         first = run.restore(**tracked)
         for epoch in run.epochs(first):
             start = time.perf_counter()
-            train_losses = {k: float(v) for k, v in train_epoch(x_train).items()}
+            train_losses = {k: float(v) for k, v in run.call(train_epoch, x_train).items()}
             seconds = time.perf_counter() - start
             test_losses, x_hat, samples = evaluate(x_test_in, x_test)
             row = {"epoch": epoch, "seconds": round(seconds, 3)}

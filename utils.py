@@ -1,24 +1,74 @@
 """Helpers shared by ae.py and vae.py: data, image grids, output files, the epoch loop.
 
-Nothing here runs at import time beyond importing TensorFlow, so tests can import it freely.
+Nothing here runs at import time beyond loading TensorFlow (quietly, see loading_tensorflow), so
+tests can import it freely. The scripts import it before TensorFlow for that reason.
 """
 
 import argparse
+import concurrent.futures
+import contextlib
 import csv
+import errno
 import glob
 import gzip
+import io
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
 import tempfile
+import threading
+import time
 
-import numpy as np
-import keras
-import tensorflow as tf
-from PIL import Image
+# What TensorFlow prints while it loads on a machine without a GPU, although nothing is wrong:
+# held back. Every other line it prints then (a real warning or error) is passed on.
+START_UP_NOISE = ("All log messages before absl::InitializeLog()", "cudart_stub.cc",
+                  "failed call to cuInit", "cpu_feature_guard.cc",
+                  "To enable the following instructions")
+
+
+@contextlib.contextmanager
+def loading_tensorflow():
+    """Around TensorFlow's import and its platform start: Ctrl-C gives one line and exit 130
+    (nothing is written yet), and the start-up lines of START_UP_NOISE are held back. They come
+    from C++ before TF_CPP_MIN_LOG_LEVEL applies, so standard error is caught at the file
+    descriptor and the other lines are passed on afterwards."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's info lines
+    main = threading.current_thread() is threading.main_thread()
+    sys.stderr.flush()
+    saved = os.dup(2)
+
+    def interrupted(signum, frame):
+        os.write(saved, f"{os.path.basename(sys.argv[0])}: interrupted\n".encode())
+        os._exit(130)
+
+    previous = signal.signal(signal.SIGINT, interrupted) if main else None
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if main:
+                signal.signal(signal.SIGINT, previous)
+            held.seek(0)
+            for line in held.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(noise in line for noise in START_UP_NOISE):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+with loading_tensorflow():
+    import numpy as np
+    import keras
+    import tensorflow as tf
+    tf.config.list_physical_devices()  # starts the platforms, which log, now
+from PIL import Image  # noqa: E402
 
 FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -163,10 +213,13 @@ UMASK = os.umask(0o022)
 os.umask(UMASK)  # read the process's umask (the only way is to set it) and put it back
 
 
+TMP_PREFIX = ".tmp-"  # write_atomically's temporary files, removed at the next start if left
+
+
 def write_atomically(path, write):
     """Call write(tmp_path), then rename over path, so path is never left half-written."""
     folder, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(dir=folder or ".", prefix=".tmp-", suffix="-" + name)
+    fd, tmp = tempfile.mkstemp(dir=folder or ".", prefix=TMP_PREFIX, suffix="-" + name)
     os.close(fd)
     try:
         write(tmp)
@@ -214,15 +267,18 @@ def triplet_grid(noisy, outputs, clean):
     return np.concatenate([rows, np.zeros((10, 1, 28, 28), np.uint8)], 1).reshape(100, 28, 28)
 
 
-def prepare_out_dir(out_dir):
-    """Create out_dir and check it is writable before any training starts."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot write to output folder {out_dir}: {e.strerror}; "
-                        "choose another with --out") from None
+def check_folder(folder, flag):
+    """Refuse a folder that cannot be created or written, before anything is created: it names a
+    file, or its nearest existing parent is a file or not writable."""
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        where = "" if path == os.path.abspath(folder) else f" ({path})"
+        raise UserError(f"{flag} {folder}: that path{where} is a file, not a folder; "
+                        f"choose another {flag}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder}: {path} is not writable; choose another {flag}")
 
 
 def write_json(path, obj):
@@ -234,13 +290,20 @@ def write_json(path, obj):
     write_atomically(path, write)
 
 
+def history_text(rows):
+    """The per-epoch rows (dicts with the same keys) as CSV text with a header."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
 def write_history(path, rows):
-    """Write the per-epoch rows (dicts with the same keys) as CSV, replacing the file atomically."""
+    """Write the per-epoch rows as CSV, replacing the file atomically."""
     def write(tmp):
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+            f.write(history_text(rows))
     write_atomically(path, write)
 
 
@@ -268,16 +331,32 @@ def positive(type_):
     return parse
 
 
+def seed(text):
+    """An argparse type: an integer from 0 to 2**32 - 1, the seeds NumPy and Keras accept."""
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {2**32 - 1}, got {text}")
+    return value
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, with errors in one line: the usage is what --help is for."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def make_parser(description, epochs, out):
     """The flags both scripts take; each adds its own."""
-    parser = argparse.ArgumentParser(description=description,
+    parser = ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--epochs", type=positive(int), default=epochs, metavar="N",
                         help="training epochs")
     parser.add_argument("--batch-size", type=positive(int), default=512, metavar="N",
-                        help="training batch size")
+                        help="training batch size (at most the number of training images)")
     parser.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
-    parser.add_argument("--seed", type=int, default=22, help="random seed (weights, shuffling, noise)")
+    parser.add_argument("--seed", type=seed, default=22,
+                        help="random seed (weights, shuffling, noise), 0 to 2**32 - 1")
     parser.add_argument("--data-dir", default=None, metavar="DIR",
                         help="folder with the four Fashion-MNIST .gz files (default: "
                         "$FASHION_MNIST_DIR, Keras's cache, " + DEBIAN_DIR + ", then download)")
@@ -289,20 +368,28 @@ def make_parser(description, epochs, out):
     start.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its newest checkpoint, with its flags")
     start.add_argument("--overwrite", action="store_true",
-                       help="delete the run already in --out and start afresh")
+                       help="replace the run already in --out (its files are deleted once the "
+                       "new run's first epoch is done)")
     return parser
 
 
 def parse_config(parser, argv=None):
-    """Parse the flags; with --resume, flags not given take the values the run in --out used."""
+    """Parse the flags; with --resume, every flag not given takes the value saved with the run in
+    --out (in its newest checkpoint that reads whole)."""
     config = parser.parse_args(argv)
     if config.resume:
         unset = object()
         given = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(config)}))
-        for name, value in read_run_flags(config.out).items():
-            if getattr(given, name, None) is unset and name not in RESUMABLE_FLAGS:
+        check_unlocked(config.out)  # "in use" says more than what a run in progress holds
+        _, saved, _ = resume_point(config.out)
+        for name, value in saved["flags"].items():
+            if getattr(given, name, None) is unset:
                 setattr(config, name, value)
     return config
+
+
+# errno values that mean the disk, not the code: full, over quota, read-only, no permission
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def run_main(prog, train, parser, argv=None):
@@ -312,135 +399,376 @@ def run_main(prog, train, parser, argv=None):
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        print(f"{prog}: error: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:  # outside the epochs, where Run turns Ctrl-C into a clean stop
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
 
 
 # ---------------------------------------------------------------------------------------------
-# One run's bookkeeping: checkpoints, resume, signals, divergence, progress, TensorBoard
+# The run folder: checks, lock, checkpoints, resume, signals, divergence, progress, TensorBoard
 # ---------------------------------------------------------------------------------------------
 
 # Flags that may differ when a run is resumed: where things are, how long to go on, and what to
 # measure at the end. Any other flag would change the run being continued.
-RESUMABLE_FLAGS = {"epochs", "data_dir", "out", "logdir", "resume", "overwrite",
-                   "eval_noise", "export_codes", "compare_pca", "iw_samples"}
+RESUMABLE_FLAGS = {"epochs", "data_dir", "logdir", "eval_noise", "export_codes", "compare_pca",
+                   "iw_samples"}
+# Flags that say how to start, not what the run is: never saved with it.
+START_FLAGS = {"out", "resume", "overwrite"}
 # What a run writes into --out; --overwrite deletes these and nothing else.
 RUN_FILES = ("run.json", "history.csv", "checkpoints", "*_epoch_[0-9]*.png", "*.weights.h5",
              "summary.json", "codes.npz", "pca_vs_ae.json", "pca_vs_ae.png", "interpolation.png")
+LOCK_FILE = ".lock"  # kept after the run: removing it could let two runs lock different files
+SAVED = {"flags": "run_flags/.ATTRIBUTES/VARIABLE_VALUE",
+         "history": "run_history/.ATTRIBUTES/VARIABLE_VALUE"}
 
 
-def read_run_flags(out_dir):
-    """The flags recorded in out_dir/run.json by the run there."""
-    path = os.path.join(out_dir, "run.json")
+def run_files(out_dir):
+    """The files of a run in out_dir (see RUN_FILES), sorted."""
+    return sorted(p for pattern in RUN_FILES for p in glob.glob(os.path.join(glob.escape(out_dir), pattern)))
+
+
+if os.name == "nt":
+    import msvcrt
+
+    def try_lock(f):
+        f.seek(2**20)  # a byte past the process id, which then stays readable
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+else:
+    import fcntl
+
+    def try_lock(f):
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def lock_folder(folder):
+    """Create folder if needed and lock it for this process: an exclusive OS lock on
+    folder/.lock, which the kernel drops on any exit (kill -9 included). The file holds the
+    process id, to name it to a second process. Returns the open file; closing it unlocks."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"--resume: {out_dir} holds no run to continue (no run.json); "
-                        "start without --resume") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"--resume: cannot read {path} ({e}); start afresh with --overwrite") from None
+        os.makedirs(folder, exist_ok=True)
+        f = open(os.path.join(folder, LOCK_FILE), "a+")
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {folder}: {e.strerror}; "
+                        "choose another with --out") from None
+    take_lock(f, folder)
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def take_lock(f, folder):
+    """Lock the open lock file f of folder, or close it and raise UserError naming the holder."""
+    try:
+        try_lock(f)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        who = f"process {holder}" if holder.isdigit() else "another process"
+        raise UserError(f"{folder} is in use by {who}, another run writing there; wait for it to "
+                        "end, or choose another --out") from None
+
+
+def check_unlocked(folder):
+    """Raise UserError if another process holds folder's lock; create nothing."""
+    try:
+        f = open(os.path.join(folder, LOCK_FILE))
+    except OSError:
+        return  # no lock file: nobody has locked the folder
+    take_lock(f, folder)
+    f.close()
+
+
+def checkpoint_prefixes(out_dir):
+    """The checkpoints in out_dir/checkpoints, newest first, found from their own files: the
+    'checkpoint' state file is not trusted, as a crash or a full disk can damage it."""
+    found = []
+    for index in glob.glob(os.path.join(glob.escape(out_dir), "checkpoints", "ckpt-*.index")):
+        number = os.path.basename(index)[len("ckpt-"):-len(".index")]
+        if number.isdigit():
+            found.append((int(number), index[:-len(".index")]))
+    return [prefix for _, prefix in sorted(found, reverse=True)]
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint that does not read back whole."""
+
+
+def read_checkpoint(prefix):
+    """Read every tensor of a checkpoint back (TensorFlow checks each one's checksum) and return
+    what the run saved in it: {"flags": {...}, "history": [rows]}. Raises DamagedCheckpoint."""
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except Exception as e:  # IndexError when truncated, OpError on a bad checksum, and others
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DamagedCheckpoint(f"unreadable: {reason}") from None
+    try:
+        return {key: json.loads(reader.get_tensor(name)) for key, name in SAVED.items()}
+    except Exception:
+        raise DamagedCheckpoint("it holds no flags and history (written by an older version of "
+                                "these scripts?)") from None
+
+
+def resume_point(out_dir):
+    """Where --resume continues the run in out_dir: (prefix, saved, skipped) for the newest
+    checkpoint that reads whole, what it saved, and [(name, reason)] for newer ones that do not.
+    Raises UserError when there is none."""
+    skipped = []
+    for prefix in checkpoint_prefixes(out_dir):
+        try:
+            return prefix, read_checkpoint(prefix), skipped
+        except DamagedCheckpoint as e:
+            skipped.append((os.path.basename(prefix), str(e)))
+    if skipped:
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in skipped)
+        raise UserError(f"--resume: no checkpoint in {os.path.join(out_dir, 'checkpoints')} reads "
+                        f"whole ({reasons}); to start afresh instead, --overwrite deletes them "
+                        "with the rest of the run's files")
+    if run_files(out_dir):
+        raise UserError(f"--resume: {out_dir} holds files of a run but no checkpoint to continue "
+                        "from; to start afresh, --overwrite deletes those files")
+    raise UserError(f"--resume: {out_dir} holds no run to continue; start one without --resume")
+
+
+def remove_leftovers(out_dir):
+    """Delete what interrupted writes leave: write_atomically's temporary files and the
+    ckpt-N_temp folders of checkpoint saves."""
+    folder = glob.escape(out_dir)
+    for path in (glob.glob(os.path.join(folder, TMP_PREFIX + "*"))
+                 + glob.glob(os.path.join(folder, "checkpoints", "*_temp*"))):
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def command_line(prog, *args):
+    """The shell command that runs prog with args, quoted to work when pasted."""
+    python = "python"
+    found = shutil.which("python")
+    if not found or os.path.abspath(found) != os.path.abspath(sys.executable):
+        python = sys.executable  # not the interpreter "python" would start
+    script = sys.argv[0] if os.path.basename(sys.argv[0]) == prog else prog
+    return shlex.join([python, script, *args])
+
+
+def error_reason(e):
+    """One plain phrase for why a write failed (an OSError or a TensorFlow OpError)."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    if isinstance(e, tf.errors.ResourceExhaustedError):
+        return "no space left on the device"
+    if isinstance(e, tf.errors.PermissionDeniedError):
+        return "permission denied"
+    return str(e.message).strip().splitlines()[0].split(" [Op:")[0]
 
 
 class Run:
-    """The bookkeeping of one training run in its output folder, around the training loop.
+    """The life of one training run in its output folder: check, lock, start, epochs, finish.
 
-    It refuses to mix two runs in one folder (unless --resume or --overwrite), records the flags
-    in run.json, and after every epoch writes the grids, history.csv, TensorBoard summaries and a
-    checkpoint (model, optimizer, random generators, fixed probes, epoch), then reports progress.
-    With --resume it restores the newest checkpoint and the history up to it, so the run goes on
-    exactly as if never stopped. A non-finite loss stops the run (Diverged, exit code 3) before
-    anything of that epoch is written. SIGINT and SIGTERM stop it cleanly between epochs.
+    Before anything is written it checks the batch size against the data, --logdir and the
+    output folder; then it locks the folder (one process per folder), refuses to mix two runs
+    in it (unless --resume or --overwrite) and removes what interrupted writes left. Nothing is
+    written before the first epoch ends; --overwrite deletes the old run only then.
 
-    Use it as a context manager (it owns the signal handlers while training):
+    After every epoch it saves a checkpoint (model, optimizers, random generators, fixed probes,
+    the epoch, and the run's flags and history), then run.json, history.csv, the grids and
+    TensorBoard summaries, and reports progress. --resume continues from the newest checkpoint
+    that reads whole, skipping damaged ones with a line each, and rebuilds history.csv and
+    run.json from it. A non-finite loss stops the run (Diverged, exit code 3) before anything of
+    that epoch is written. A failed write (full disk, no permission) stops it with one line
+    naming the last good checkpoint. The first SIGINT or SIGTERM stops it after the epoch in
+    progress is saved; a second one stops it at once.
 
-        with utils.Run(config, "ae.py") as run:
+    Use it as a context manager (it owns the lock and the signal handlers):
+
+        with utils.Run(config, "ae.py", n_train=len(x_train)) as run:
             first = run.restore(model=model, optimizer=optimizer, generator=generator)
             for epoch in run.epochs(first):
+                losses = run.call(train_epoch, x_train)
                 ...
                 run.end_epoch(row, grids, "train bce 0.2850  test bce 0.2865")
             run.save_weights(model, "ae.weights.h5")
     """
 
-    def __init__(self, config, prog):
+    def __init__(self, config, prog, n_train):
         self.config, self.prog, self.out = config, prog, config.out
-        prepare_out_dir(self.out)
-        self.history_path = os.path.join(self.out, "history.csv")
-        flags = {k: v for k, v in sorted(vars(config).items()) if k not in RESUMABLE_FLAGS}
-        if config.resume:
-            saved = read_run_flags(self.out)
-            for name in sorted(set(saved) | set(flags)):
-                if saved.get(name) != flags.get(name):
-                    raise UserError(
-                        f"--resume: --{name.replace('_', '-')} {flags.get(name)} differs from the "
-                        f"run in {self.out} ({saved.get(name)}); resume with the run's flags, or "
-                        "start afresh with --overwrite")
-        else:
-            existing = sorted(p for pattern in RUN_FILES
-                              for p in glob.glob(os.path.join(self.out, pattern)))
-            if existing and not config.overwrite:
-                names = ", ".join(os.path.basename(p) for p in existing[:3])
-                raise UserError(f"{self.out} already holds a run ({names}{', ...' * (len(existing) > 3)}"
-                                "); continue it with --resume, or delete it and start afresh with "
-                                "--overwrite")
-            for path in existing:
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-            write_json(os.path.join(self.out, "run.json"), flags)
-        self.history = []
-        self.writer = None
+        if config.batch_size > n_train:
+            raise UserError(f"--batch-size {config.batch_size} is more than the {n_train} "
+                            f"training images; use at most {n_train}")
         if config.logdir:
             try:
                 import tensorboard  # noqa: F401  (tf.summary needs it to write anything)
             except ImportError:
                 raise UserError("--logdir needs TensorBoard: pip install tensorboard") from None
-            try:
-                self.writer = tf.summary.create_file_writer(config.logdir)
-            except tf.errors.OpError as e:
-                raise UserError(f"--logdir {config.logdir}: cannot write there ({e.message})") from None
+            check_folder(config.logdir, "--logdir")
+        check_folder(self.out, "--out")
+        self.flags = {k: v for k, v in sorted(vars(config).items()) if k not in START_FLAGS}
+        self.lock = lock_folder(self.out)
+        try:
+            remove_leftovers(self.out)
+            self.old_run, self.resume_from, self.history = [], None, []
+            self.checkpointed_flags = None  # the flags in the newest checkpoint, once there is one
+            if config.resume:
+                self.resume_from, saved, skipped = resume_point(self.out)
+                for name in sorted(set(saved["flags"]) | set(self.flags)):
+                    ours, theirs = self.flags.get(name), saved["flags"].get(name)
+                    if name not in RESUMABLE_FLAGS and ours != theirs:
+                        raise UserError(
+                            f"--resume: --{name.replace('_', '-')} {ours} differs from the run in "
+                            f"{self.out} ({theirs}); leave it out to continue that run, or start "
+                            "a new one in another --out")
+                for name, reason in skipped:
+                    print(f"{prog}: skipped checkpoint {name}: {reason}", file=sys.stderr, flush=True)
+                self.history = saved["history"]
+                self.checkpointed_flags = saved["flags"]
+            else:
+                self.old_run = run_files(self.out)
+                if self.old_run and not config.overwrite:
+                    names = ", ".join(os.path.basename(p) for p in self.old_run[:3])
+                    raise UserError(
+                        f"{self.out} already holds a run ({names}{', ...' * (len(self.old_run) > 3)});"
+                        f" continue it with: {command_line(prog, '--out', self.out, '--resume')}, "
+                        "or replace it (its files are deleted) by adding --overwrite")
+            self.writer = None
+            if config.logdir:
+                try:
+                    self.writer = tf.summary.create_file_writer(config.logdir)
+                except tf.errors.OpError as e:
+                    raise UserError(f"--logdir {config.logdir}: cannot write there "
+                                    f"({error_reason(e)})") from None
+        except BaseException:
+            self.lock.close()
+            raise
         self.progbar = None
         self.signal = None
+        self.writing = False  # while the files of an epoch are written, a second signal waits
+        self.wrote = False  # whether this process has written any file of the run yet
 
     def __enter__(self):
-        def stop(signum, frame):
-            self.signal = signum  # acted on between epochs, so no file is left half-written
-        self.old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.pool = concurrent.futures.ThreadPoolExecutor(1)
+        self.old_handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc):
         self.restore_signal_handlers()
+        self.pool.shutdown()
         if self.writer:
             self.writer.close()
+        self.lock.close()
 
     def restore_signal_handlers(self):
         for s, handler in self.old_handlers.items():
             signal.signal(s, handler)
 
+    def on_signal(self, signum, frame):
+        """The first SIGINT or SIGTERM: stop once the epoch in progress is saved. The second: stop
+        now, losing only that epoch (after the files being written, if any, are complete)."""
+        if self.signal is None:
+            self.signal = signum
+            again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            print(f"\n{self.prog}: stopping after this epoch, once it is saved; {again} again to "
+                  "stop now", file=sys.stderr, flush=True)
+        elif not self.writing:  # while writing, the epoch is as good as saved: stop after it
+            self.stop_now(signum)
+
+    def stop_now(self, signum):
+        """Exit at once, from a signal handler: the epoch in progress runs on another thread,
+        which only exiting the process stops. No file is being written (see on_signal)."""
+        done = int(self.epoch) if hasattr(self, "epoch") else 0
+        saved = (f"the checkpoint of epoch {done} is kept; continue with: "
+                 f"{self.resume_command()}" if done
+                 else "no epoch had finished, so there is nothing to resume")
+        print(f"{self.prog}: stopped by {signal.Signals(signum).name} during epoch {done + 1}, "
+              f"which is lost; {saved}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + signum)
+
+    def resume_command(self):
+        """The command that continues this run from its newest checkpoint, as this process would
+        have: --resume, and the flags given now that the checkpoint does not hold yet."""
+        args = ["--out", self.out, "--resume"]
+        for name in sorted(RESUMABLE_FLAGS):
+            value = self.flags.get(name)
+            if value in (None, False) or value == self.checkpointed_flags.get(name):
+                continue  # the same, or not expressible as a flag (a flag can only switch on)
+            args += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+        return command_line(self.prog, *args)
+
+    def call(self, fn, *args):
+        """fn(*args) on a worker thread, so that the main thread can answer a signal at once:
+        Python runs signal handlers only on the main thread and only between bytecodes, and a
+        compiled epoch is one call that can last minutes."""
+        return self.pool.submit(fn, *args).result()
+
     def restore(self, **objects):
         """Track objects (models, optimizers, tf.random.Generators, fixed probes held in
-        tf.Variables) in the checkpoints; with --resume, load the newest checkpoint and the
-        history up to it. Returns the first epoch to train."""
+        tf.Variables) in the checkpoints; with --resume, load them from the checkpoint chosen,
+        rebuild history.csv and run.json from it, and return the first epoch to train."""
         self.epoch = tf.Variable(0, dtype=tf.int64)
-        self.checkpoint = tf.train.Checkpoint(epoch=self.epoch, **objects)
-        self.manager = tf.train.CheckpointManager(
-            self.checkpoint, os.path.join(self.out, "checkpoints"), max_to_keep=3)
-        if self.config.resume:
-            path = self.manager.latest_checkpoint
-            if path is None:
-                raise UserError(f"--resume: no checkpoint in {self.out}/checkpoints; "
-                                "start afresh with --overwrite")
+        self.saved_flags = tf.Variable("", dtype=tf.string)
+        self.saved_history = tf.Variable("", dtype=tf.string)
+        self.checkpoint = tf.train.Checkpoint(epoch=self.epoch, run_flags=self.saved_flags,
+                                              run_history=self.saved_history, **objects)
+        self.manager = None
+        if self.resume_from:
             try:
-                self.checkpoint.restore(path).assert_existing_objects_matched()
+                self.checkpoint.restore(self.resume_from).assert_existing_objects_matched()
             except (tf.errors.OpError, AssertionError, ValueError) as e:
                 reason = str(e).strip().splitlines()[0]
-                raise UserError(f"--resume: cannot restore {path} ({reason}); "
-                                "start afresh with --overwrite") from None
+                raise UserError(f"--resume: {self.resume_from} does not fit this script's model "
+                                f"({reason})") from None
+            self.manager = self.checkpoint_manager(self.resume_from)
             done = int(self.epoch)
-            if os.path.exists(self.history_path):
-                with open(self.history_path, newline="") as f:
-                    self.history = [row for row in csv.DictReader(f) if int(row["epoch"]) <= done]
+            self.history = [row for row in self.history if row["epoch"] <= done]
+            self.rebuild_files()
             print(f"resuming the run in {self.out} after epoch {done}", flush=True)
         return int(self.epoch) + 1
+
+    def checkpoint_manager(self, newest=None):
+        """A CheckpointManager keeping the last three. With newest, its state file is first
+        rewritten to list newest and the older checkpoints found, whatever it said before."""
+        directory = os.path.join(self.out, "checkpoints")
+        if newest:
+            prefixes = checkpoint_prefixes(self.out)
+            kept = prefixes[prefixes.index(newest):][::-1]  # oldest first, as the manager lists
+            # CheckpointState, in protobuf text; the manager deletes listed checkpoints with a
+            # timestamp after last_preserved_timestamp once more than three are listed
+            state = [f'model_checkpoint_path: "{os.path.basename(newest)}"']
+            state += [f'all_model_checkpoint_paths: "{os.path.basename(p)}"' for p in kept]
+            state += [f"all_model_checkpoint_timestamps: {os.path.getmtime(p + '.index')}" for p in kept]
+            state += ["last_preserved_timestamp: 0.0"]
+
+            def write(tmp):
+                with open(tmp, "w") as f:
+                    f.write("\n".join(state) + "\n")
+            write_atomically(os.path.join(directory, "checkpoint"), write)
+        return tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=3)
+
+    def rebuild_files(self):
+        """On resume: run.json and history.csv as the checkpoint has them; say so where
+        history.csv was missing or damaged (not merely longer, as after a crash)."""
+        with self.writing_files():
+            write_json(os.path.join(self.out, "run.json"), self.flags)
+            path = os.path.join(self.out, "history.csv")
+            if not self.history:
+                return
+            text = history_text(self.history)
+            try:
+                with open(path, newline="") as f:
+                    intact = f.read().startswith(text)
+            except (OSError, UnicodeDecodeError):
+                intact = False
+            if not intact:
+                print(f"{self.prog}: history.csv was missing or damaged; rebuilt from the "
+                      f"checkpoint (epochs 1-{self.history[-1]['epoch']})", file=sys.stderr, flush=True)
+            write_history(path, self.history)
 
     def epochs(self, first):
         """The epochs first .. --epochs; stops with exit code 128 + signal number when SIGINT or
@@ -456,38 +784,69 @@ class Run:
     def interrupted(self):
         name, done = signal.Signals(self.signal).name, int(self.epoch)
         if done:
-            data = f" --data-dir {self.config.data_dir}" if self.config.data_dir else ""
             print(f"{self.prog}: stopped by {name} after epoch {done}, checkpoint saved; continue "
-                  f"with: python {self.prog} --out {self.out}{data} --resume", file=sys.stderr,
-                  flush=True)
+                  f"with: {self.resume_command()}",
+                  file=sys.stderr, flush=True)
         else:
             print(f"{self.prog}: stopped by {name} before the first epoch ended; nothing to resume",
                   file=sys.stderr, flush=True)
         sys.exit(128 + self.signal)
 
+    @contextlib.contextmanager
+    def writing_files(self):
+        """Around writes into the run folder: a second signal waits for them, and a failed write
+        (full disk, no permission) becomes one line that names the last good checkpoint."""
+        self.writing = True
+        try:
+            yield
+        except (OSError, tf.errors.OpError) as e:
+            remove_leftovers(self.out)
+            last = self.manager and self.manager.latest_checkpoint
+            if last:
+                after = (f"the last good checkpoint is {last}; once the cause is fixed, continue "
+                         f"with: {self.resume_command()}")
+            else:
+                after = "no epoch was saved; once the cause is fixed, start the run again"
+            raise UserError(f"cannot write into {self.out} ({error_reason(e)}); {after}") from None
+        finally:
+            self.writing = False
+
     def end_epoch(self, row, grids, figures):
-        """Record a finished epoch: row (epoch, seconds, the losses) goes to history.csv and
-        TensorBoard, grids ({name: 100 images}) to NAME_epoch_NNN.png; checkpoint; report."""
+        """Record a finished epoch: checkpoint (with row added to the history), then run.json,
+        history.csv, grids ({name: 100 images} as NAME_epoch_NNN.png) and TensorBoard; report."""
         epoch = row["epoch"]
         bad = [k for k, v in row.items() if not math.isfinite(v)]
         if bad:
-            kept = self.manager.latest_checkpoint or "none, as no epoch finished"
+            kept = (self.manager and self.manager.latest_checkpoint) or "none, as no epoch finished"
             raise Diverged(f"epoch {epoch}: {bad[0]} is {row[bad[0]]}; training diverged, most "
                            f"likely because the learning rate ({self.config.lr}) is too high: "
                            f"try a smaller --lr. Last good checkpoint: {kept}")
-        for name, images in grids.items():
-            save_images(images, os.path.join(self.out, f"{name}_epoch_{epoch:03d}.png"))
-        self.history.append(row)
-        write_history(self.history_path, self.history)
-        if self.writer:
-            with self.writer.as_default(step=epoch):
-                for name, value in row.items():
-                    if name != "epoch":
-                        tf.summary.scalar(name, value)
-                for name, images in grids.items():
-                    tf.summary.image(name, make_grid(images)[None, :, :, None])
-        self.epoch.assign(epoch)
-        self.manager.save(checkpoint_number=epoch)
+        with self.writing_files():
+            for path in self.old_run:  # --overwrite: the old run goes once the new one has an epoch
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            self.old_run = []
+            if self.manager is None:
+                self.manager = self.checkpoint_manager()
+            self.epoch.assign(epoch)
+            self.saved_flags.assign(json.dumps(self.flags))
+            self.saved_history.assign(json.dumps(self.history + [row]))
+            self.manager.save(checkpoint_number=epoch)
+            self.checkpointed_flags = self.flags
+            self.history.append(row)
+            if not self.wrote:
+                write_json(os.path.join(self.out, "run.json"), self.flags)
+                self.wrote = True
+            write_history(os.path.join(self.out, "history.csv"), self.history)
+            for name, images in grids.items():
+                save_images(images, os.path.join(self.out, f"{name}_epoch_{epoch:03d}.png"))
+            if self.writer:
+                with self.writer.as_default(step=epoch):
+                    for name, value in row.items():
+                        if name != "epoch":
+                            tf.summary.scalar(name, value)
+                    for name, images in grids.items():
+                        tf.summary.image(name, make_grid(images)[None, :, :, None])
+                self.writer.flush()  # so a stop at once loses no finished epoch's summaries
         self.report(row, figures)
 
     def report(self, row, figures):
@@ -505,7 +864,24 @@ class Run:
 
     def save_weights(self, model, name):
         """The final weights, loadable with model.load_weights(path) into a built model."""
-        write_atomically(os.path.join(self.out, name), model.save_weights)
+        with self.writing_files():
+            write_atomically(os.path.join(self.out, name), model.save_weights)
+
+
+def progress(items, total, what, every=10.0):
+    """Yield items, showing how far a long computation is: a Keras progress bar on a terminal,
+    otherwise a line every `every` seconds with the share done and the time left."""
+    bar = keras.utils.Progbar(total) if sys.stdout.isatty() else None
+    start = last = time.perf_counter()
+    for done, item in enumerate(items, 1):
+        yield item
+        now = time.perf_counter()
+        if bar:
+            bar.update(done)
+        elif now - last >= every and done < total:
+            left = (now - start) / done * (total - done)
+            print(f"{what}: {done / total:.0%} done, about {left:.0f} s left", flush=True)
+            last = now
 
 
 # ---------------------------------------------------------------------------------------------

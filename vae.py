@@ -10,17 +10,14 @@ and summary.json with an importance-weighted estimate of the test negative log-l
 """
 
 import math
-
 import os
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out of the log
+import utils  # first: it loads TensorFlow quietly, and answers Ctrl-C meanwhile
 
 import tensorflow as tf
 import keras
 from keras import layers
-
-import utils
 
 
 class VAE(keras.Model):
@@ -110,7 +107,8 @@ def test_nll_iw(model, x_test, samples, seed, decodes_per_call=20000):
     chunk = max(1, decodes_per_call // samples)
     estimate = tf.function(iw_nll, jit_compile=True)
     total = 0.0
-    for i, start in enumerate(range(0, len(x_test), chunk)):
+    starts = range(0, len(x_test), chunk)
+    for i, start in utils.progress(enumerate(starts), len(starts), "importance-weighted estimate"):
         x = x_test[start:start + chunk]
         eps = tf.random.stateless_normal([samples, x.shape[0], model.fc2.units], seed=[seed, i])
         total += float(tf.reduce_sum(estimate(model, x, eps)))
@@ -128,9 +126,9 @@ def save_interpolations(model, x_test, path):
 
 def train(config):
     """Train a VAE as config says, writing into config.out; return the history rows."""
-    with utils.Run(config, "vae.py") as run:
-        started = time.perf_counter()
-        (x_train, _), (x_test, _) = utils.load_fashion_mnist(config.data_dir)
+    started = time.perf_counter()
+    (x_train, _), (x_test, _) = utils.load_fashion_mnist(config.data_dir)
+    with utils.Run(config, "vae.py", n_train=len(x_train)) as run:
         x_train = tf.constant(x_train.reshape(-1, 784))  # uint8, scaled per batch in the step
         x_test = tf.constant(x_test.reshape(-1, 784), tf.float32) / 255.0
         x_probe = x_test[:50]  # the same test images in every epoch's grid
@@ -171,7 +169,7 @@ def train(config):
                             z_sample=z_sample, eps_test=eps_test)
         for epoch in run.epochs(first):
             start = time.perf_counter()
-            train_losses = {k: float(v) for k, v in train_epoch(x_train).items()}
+            train_losses = {k: float(v) for k, v in run.call(train_epoch, x_train).items()}
             seconds = time.perf_counter() - start
             test_losses, x_hat, decoded = evaluate(x_test)
             row = {"epoch": epoch, "seconds": round(seconds, 3)}

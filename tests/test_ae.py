@@ -82,7 +82,7 @@ def test_cli_unwritable_output_loses_nothing(tiny_data, tmp_path):
     result = run_script("--data-dir", data_dir, "--out", str(blocker / "ae"))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert "cannot write to output folder" in result.stderr.strip().splitlines()[-1]
+    assert "is a file, not a folder" in result.stderr.strip().splitlines()[-1]
     assert blocker.read_bytes() == b"not a folder"
 
 

@@ -174,8 +174,8 @@ def test_nothing_found_and_download_fails_says_how_to_get_the_data(tmp_path, mon
 def test_unwritable_output_folder_is_reported(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("keep me")
-    with pytest.raises(utils.UserError, match="cannot write to output folder"):
-        utils.prepare_out_dir(str(blocker / "out"))
+    with pytest.raises(utils.UserError, match="is a file, not a folder"):
+        utils.check_folder(str(blocker / "out"), "--out")
     assert blocker.read_text() == "keep me"
 
 

@@ -1,0 +1,374 @@
+"""A run folder you can trust: nothing touched before a run can start, one process per folder,
+--resume with the run's own flags, damaged checkpoints and files, a full disk, Ctrl-C."""
+
+import errno
+import glob
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import ae
+import utils
+import vae
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--h-dim", "6", "--batch-size", "64"]
+
+
+def main(capsys, script, *args):
+    """Run script's main in this process: (exit code, stderr lines, stdout)."""
+    code = 0
+    try:
+        script.main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines(), captured.out
+
+
+def snapshot(folder):
+    """Every file under folder with a hash of its bytes."""
+    found = {}
+    for path in glob.glob(os.path.join(folder, "**"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+def epochs_in(out):
+    with open(os.path.join(out, "history.csv")) as f:
+        return [int(line.split(",")[0]) for line in f.read().splitlines()[1:]]
+
+
+def stop_after(monkeypatch, epoch):
+    """Send this process SIGINT as epoch ends, as a user pressing Ctrl-C would."""
+    real = utils.Run.report
+
+    def report(self, row, figures):
+        real(self, row, figures)
+        if row["epoch"] == epoch:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(utils.Run, "report", report)
+
+
+@pytest.fixture(scope="session")
+def template_run(tiny_data, tmp_path_factory):
+    data_dir, _ = tiny_data
+    out = str(tmp_path_factory.mktemp("template") / "run")
+    ae.main(["--data-dir", data_dir, "--out", out, "--epochs", "2", *TINY])
+    return out
+
+
+@pytest.fixture
+def finished_run(tiny_data, template_run, tmp_path, capsys):
+    """A copy of a finished two-epoch ae.py run in tmp_path/run: (data folder, run folder)."""
+    capsys.readouterr()
+    out = str(tmp_path / "run")
+    shutil.copytree(template_run, out)
+    return tiny_data[0], out
+
+
+# --- 1, 2: nothing touched before the run can start --------------------------------------------
+
+def test_overwrite_with_a_mistake_keeps_the_old_run(finished_run, tmp_path, capsys):
+    data_dir, out = finished_run
+    before = snapshot(out)
+    for mistake in (["--data-dir", tmp_path / "typo"], ["--batch-size", 601],
+                    ["--logdir", os.path.join(out, "run.json", "tb")]):
+        code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, "--overwrite",
+                            *TINY, *mistake)
+        assert code == 2 and len(err) == 1, err
+        assert snapshot(out) == before
+
+
+def test_overwrite_deletes_the_old_run_only_once_an_epoch_is_done(finished_run, monkeypatch, capsys):
+    data_dir, out = finished_run
+    before = snapshot(out)
+    real = ae.compute_loss
+    monkeypatch.setattr(ae, "compute_loss",
+                        lambda model, x_in, x: {k: v * np.nan for k, v in real(model, x_in, x).items()})
+    code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, "--overwrite", *TINY)
+    assert code == 3 and "diverged" in err[0]
+    assert snapshot(out) == before  # the new run failed in its first epoch: the old one stays
+
+
+def test_a_failed_start_leaves_no_run_behind(tiny_data, tmp_path, monkeypatch, capsys):
+    data_dir, _ = tiny_data
+    out = str(tmp_path / "run")
+    code, err, _ = main(capsys, ae, "--data-dir", tmp_path / "nowhere", "--out", out, *TINY)
+    assert code == 2 and "no such folder" in err[0]
+    real = ae.compute_loss  # a failure inside the first epoch
+    monkeypatch.setattr(ae, "compute_loss",
+                        lambda model, x_in, x: {k: v * np.nan for k, v in real(model, x_in, x).items()})
+    code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, *TINY)
+    assert code == 3 and "no epoch finished" in err[-1]
+    monkeypatch.undo()
+    # the corrected command, as a new user types it, is not refused
+    code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, "--epochs", 1, *TINY)
+    assert code == 0, err
+
+
+# --- 3: one process per folder -------------------------------------------------------------------
+
+def test_a_second_process_is_refused_and_touches_nothing(finished_run, capsys):
+    data_dir, out = finished_run
+    before = snapshot(out)
+    held = utils.lock_folder(out)
+    try:
+        for extra in (["--resume", "--epochs", 3], ["--overwrite"], []):
+            code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, *TINY, *extra)
+            assert code == 2 and len(err) == 1
+            assert f"in use by process {os.getpid()}" in err[0], err
+        assert snapshot(out) == before
+    finally:
+        held.close()
+    code, _, _ = main(capsys, ae, "--out", out, "--resume", "--epochs", 3)
+    assert code == 0 and epochs_in(out) == [1, 2, 3]
+
+
+def test_the_lock_goes_with_a_killed_process(tmp_path):
+    """The lock is the kernel's (flock on --out/.lock): kill -9 of its holder frees it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); f.write('4242'); f.flush(); print('locked', flush=True); "
+         "time.sleep(60)", str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    with pytest.raises(utils.UserError, match="in use by process 4242"):
+        utils.lock_folder(str(out))
+    holder.kill()
+    holder.wait()
+    utils.lock_folder(str(out)).close()
+
+
+# --- 4: --resume continues the same run ---------------------------------------------------------
+
+def test_resume_takes_every_flag_from_the_run(tiny_data, tmp_path, monkeypatch, capsys):
+    data_dir, _ = tiny_data
+    out = str(tmp_path / "sp ü" / "run 1")
+    stop_after(monkeypatch, 2)
+    code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, "--epochs", 4,
+                        "--export-codes", "--eval-noise", 0.1, *TINY)
+    assert code == 130 and epochs_in(out) == [1, 2]
+    monkeypatch.undo()
+    command = shlex.split(err[-1].split("continue with: ")[1])
+    assert command[2:] == ["--out", out, "--resume"]  # the command to paste, quoted
+    code, err, _ = main(capsys, ae, *command[2:])
+    assert code == 0, err
+    assert epochs_in(out) == [1, 2, 3, 4]  # towards the run's --epochs, not the default 100
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["flags"]["h_dim"] == 6 and summary["eval_noise"] == 0.1
+    assert summary["flags"]["data_dir"] == data_dir
+    assert np.load(os.path.join(out, "codes.npz"))["test_codes"].shape[1] == 6
+
+
+def test_resume_may_change_what_the_readme_allows(finished_run, capsys):
+    data_dir, out = finished_run
+    code, err, _ = main(capsys, ae, "--out", out, "--resume", "--epochs", 3, "--lr", 0.01)
+    assert code == 2 and "--lr 0.01 differs" in err[0]
+    code, err, _ = main(capsys, ae, "--out", out, "--resume", "--epochs", 3, "--compare-pca")
+    assert code == 0, err
+    assert epochs_in(out) == [1, 2, 3] and os.path.exists(os.path.join(out, "pca_vs_ae.json"))
+    assert json.load(open(os.path.join(out, "run.json")))["epochs"] == 3
+
+
+# --- 5, 6: damaged checkpoints and files --------------------------------------------------------
+
+def truncate(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])
+
+
+def damage_state_file(how, checkpoints):
+    state = os.path.join(checkpoints, "checkpoint")
+    if how == "deleted":
+        os.remove(state)
+    else:
+        with open(state, "w") as f:
+            f.write("" if how == "empty" else "model_checkpoint_path: garbage {{{")
+
+
+@pytest.mark.parametrize("how", ["deleted", "empty", "garbled"])
+def test_resume_does_not_trust_the_state_file(finished_run, capsys, how):
+    data_dir, out = finished_run
+    damage_state_file(how, os.path.join(out, "checkpoints"))
+    code, err, out_text = main(capsys, ae, "--out", out, "--resume")
+    assert code == 0 and not err, err
+    assert "after epoch 2" in out_text and epochs_in(out) == [1, 2]
+
+
+def test_resume_skips_a_damaged_newest_checkpoint(tiny_data, tmp_path, capsys):
+    data_dir, _ = tiny_data
+    out = str(tmp_path / "run")
+    assert main(capsys, vae, "--data-dir", data_dir, "--out", out, "--epochs", 3, "--z-dim", 3,
+                "--batch-size", 64, "--iw-samples", 5)[0] == 0
+    checkpoints = os.path.join(out, "checkpoints")
+    truncate(os.path.join(checkpoints, "ckpt-3.data-00000-of-00001"))
+    os.makedirs(os.path.join(checkpoints, "ckpt-4_temp"))  # an interrupted save's leftovers
+    code, err, out_text = main(capsys, vae, "--out", out, "--resume", "--epochs", 4)
+    assert code == 0, err
+    assert len(err) == 1 and "skipped checkpoint ckpt-3: unreadable" in err[0]
+    assert "after epoch 2" in out_text and epochs_in(out) == [1, 2, 3, 4]
+    assert not os.path.exists(os.path.join(checkpoints, "ckpt-4_temp"))
+    # with every checkpoint damaged the advice says what --overwrite would delete
+    for path in glob.glob(os.path.join(checkpoints, "*.data-*")):
+        truncate(path)
+    code, err, _ = main(capsys, vae, "--out", out, "--resume", "--epochs", 5)
+    assert code == 2 and len(err) == 1 and "deletes" in err[0]
+
+
+@pytest.mark.parametrize("damage", ["deleted", "cut in half", "random bytes", "wrong header"])
+def test_history_survives_the_loss_of_history_csv(finished_run, capsys, damage):
+    data_dir, out = finished_run
+    path = os.path.join(out, "history.csv")
+    text = open(path).read()
+    if damage == "deleted":
+        os.remove(path)
+    else:
+        damaged = {"cut in half": text[:len(text) * 3 // 4],
+                   "random bytes": os.urandom(300).decode("latin-1"),
+                   "wrong header": text.replace("epoch", "epoque")}[damage]
+        with open(path, "w", encoding="latin-1") as f:
+            f.write(damaged)
+    code, err, _ = main(capsys, ae, "--out", out, "--resume")
+    assert code == 0 and len(err) == 1 and "history.csv" in err[0], err
+    assert open(path).read() == text  # rebuilt exactly
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"h_dim": "20"}', "\x00\xff"])
+def test_a_damaged_run_json_does_not_stop_resume(finished_run, capsys, content):
+    data_dir, out = finished_run
+    path = os.path.join(out, "run.json")
+    flags = json.load(open(path))
+    with open(path, "w", encoding="latin-1") as f:
+        f.write(content)
+    code, err, _ = main(capsys, ae, "--out", out, "--resume")
+    assert code == 0, err
+    assert json.load(open(path)) == flags
+
+
+# --- 7: a full disk, a read-only folder ---------------------------------------------------------
+
+@pytest.mark.parametrize("fault", ["checkpoint", "grid"])
+def test_a_full_disk_stops_with_one_line_and_resume_works_later(finished_run, monkeypatch, capsys, fault):
+    data_dir, out = finished_run
+    if fault == "checkpoint":
+        def save(self, checkpoint_number=None):
+            raise tf.errors.ResourceExhaustedError(None, None, "ckpt-3_temp; No space left on device [Op:SaveV2]")
+        monkeypatch.setattr(tf.train.CheckpointManager, "save", save)
+    else:
+        def save_images(images, path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        monkeypatch.setattr(utils, "save_images", save_images)
+    code, err, _ = main(capsys, ae, "--out", out, "--resume", "--epochs", 4)
+    assert code == 2 and len(err) == 1, err
+    last = "ckpt-2" if fault == "checkpoint" else "ckpt-3"
+    assert out in err[0] and "space left on" in err[0] and last in err[0]
+    assert "Traceback" not in err[0] and "[Op:" not in err[0]
+    monkeypatch.undo()
+    code, err, _ = main(capsys, ae, *shlex.split(err[0].split("continue with: ")[1])[2:])
+    assert code == 0, err
+    assert epochs_in(out) == [1, 2, 3, 4]
+
+
+# --- 8: flags the parser must refuse ------------------------------------------------------------
+
+@pytest.mark.parametrize("flags", [["--seed", "-5"], ["--seed", str(2**40)], ["--batch-size", "601"]])
+def test_flags_that_would_crash_later_are_refused_first(tiny_data, tmp_path, capsys, flags):
+    data_dir, _ = tiny_data
+    out = tmp_path / "run"
+    code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, *flags)
+    assert code == 2 and len(err) == 1 and flags[0] in err[0]
+    assert not out.exists()
+
+
+# --- 9: Ctrl-C at any moment --------------------------------------------------------------------
+
+SLOW_EPOCHS = """
+import sys, time
+sys.path.insert(0, {root!r})
+import ae, utils
+compile_epoch = utils.compile_epoch
+def slow(*args):
+    train_epoch = compile_epoch(*args)
+    def epoch(x):
+        time.sleep(0 if sys.argv.count("--resume") else 30)
+        return train_epoch(x)
+    return epoch
+utils.compile_epoch = slow
+sys.argv[0] = "ae.py"
+ae.main()
+"""
+
+
+def test_ctrl_c_answers_at_once_and_twice_stops_at_once(tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    out = str(tmp_path / "run")
+    child = subprocess.Popen([sys.executable, "-c", SLOW_EPOCHS.format(root=ROOT), "--data-dir",
+                              data_dir, "--out", out, "--epochs", "3", *TINY],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(10)  # TensorFlow loaded, the first epoch is under way
+    child.send_signal(signal.SIGINT)
+    line = child.stderr.readline()
+    while "stopping after this epoch" not in line and line:
+        line = child.stderr.readline()  # TensorFlow's own start-up lines, if any
+    assert "Ctrl-C again to stop now" in line
+    asked = time.monotonic()
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=30)
+    assert time.monotonic() - asked < 5  # not after the 30 s epoch
+    assert child.returncode == 130 and "Traceback" not in err
+    assert "stopped by SIGINT during epoch 1, which is lost" in err.strip().splitlines()[-1]
+    assert not utils.run_files(out)  # no epoch finished: no run, a plain start works again
+
+
+def test_ctrl_c_while_tensorflow_loads_is_one_line(tmp_path):
+    child = subprocess.Popen([sys.executable, os.path.join(ROOT, "ae.py"), "--out",
+                              str(tmp_path / "run")], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    time.sleep(0.8)  # importing TensorFlow takes seconds
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130
+    assert err.strip().splitlines()[-1] == "ae.py: interrupted" and "Traceback" not in err
+
+
+def test_progress_reports_the_share_done_and_the_time_left(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    items = list(utils.progress(range(4), 4, "estimate", every=0.0))
+    assert items == [0, 1, 2, 3]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("estimate: 25% done, about ") and lines[0].endswith(" s left")
+    assert len(lines) == 3  # none once everything is done
+
+
+# --- 10: plain sentences -------------------------------------------------------------------------
+
+def test_an_unwritable_logdir_is_one_plain_sentence(tiny_data, tmp_path, monkeypatch, capsys):
+    data_dir, _ = tiny_data
+    out = str(tmp_path / "run")
+
+    def refuse(logdir):
+        raise tf.errors.PermissionDeniedError(
+            None, None, "{{function_node __wrapped__CreateSummaryFileWriter}} ... "
+            "[Op:CreateSummaryFileWriter] name: ")
+    monkeypatch.setattr(tf.summary, "create_file_writer", refuse)
+    code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, "--logdir",
+                        tmp_path / "tb", *TINY)
+    assert code == 2 and len(err) == 1
+    assert err[0].endswith("cannot write there (permission denied)") and "{{" not in err[0]
