@@ -198,10 +198,25 @@ def load_fashion_mnist(data_dir=None):
         if has_fashion_mnist(folder):
             return read_fashion_mnist_dir(folder)
     try:
-        import keras
-        return keras.datasets.fashion_mnist.load_data()
+        data = keras.datasets.fashion_mnist.load_data()
     except Exception:  # no network, proxy, disk full: all lead to the same advice
         raise DataError(HOW_TO_GET_DATA) from None
+    check_downloaded(data)
+    return data
+
+
+def check_downloaded(data):
+    """Check what keras.datasets.fashion_mnist.load_data() gave as read_idx checks a file: uint8
+    images of 28x28 and as many labels, from 0 to 9."""
+    where = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")), "datasets",
+                         "fashion-mnist")
+    for split, (images, labels) in zip(("train", "test"), data):
+        images, labels = np.asarray(images), np.asarray(labels)
+        if (images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28)
+                or labels.shape != (len(images),) or len(labels) and labels.max() > 9):
+            raise DataError(f"{where}: the downloaded {split} set is not Fashion-MNIST (images "
+                            f"{images.dtype} {images.shape}, labels {labels.shape}); delete the "
+                            "folder to download it again")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -673,8 +688,9 @@ class Run:
         if self.signal is None:
             self.signal = signum
             again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-            print(f"\n{self.prog}: stopping after this epoch, once it is saved; {again} again to "
-                  "stop now", file=sys.stderr, flush=True)
+            fresh_line = "\n" * sys.stdout.isatty()  # after the progress bar's
+            print(f"{fresh_line}{self.prog}: stopping after this epoch, once it is saved; {again} "
+                  "again to stop now", file=sys.stderr, flush=True)
         elif not self.writing:  # while writing, the epoch is as good as saved: stop after it
             self.stop_now(signum)
 

@@ -93,6 +93,20 @@ def compute_loss(model, x, eps):
     return {"loss": rec + kl, "rec": rec, "kl": kl}
 
 
+def make_train_step(config, model, optimizer, generator):
+    """The step of one batch x: one update on rec + beta * kl (the negative ELBO for beta = 1,
+    Higgins et al. 2017 otherwise), eps drawn from generator; returns the losses of compute_loss."""
+    def train_step(x):
+        eps = generator.normal([tf.shape(x)[0], config.z_dim])
+        with tf.GradientTape() as tape:
+            losses = compute_loss(model, x, eps)
+            objective = losses["rec"] + config.beta * losses["kl"]
+        grads = tape.gradient(objective, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return losses
+    return train_step
+
+
 def latent_grid(n=10):
     """z of the latent-plane map: the normal distribution's quantiles 5% .. 95% along each axis,
     z_1 growing to the right and z_2 upwards (as in the Keras and TensorFlow VAE examples)."""
@@ -145,17 +159,8 @@ def train(config):
         optimizer = keras.optimizers.Adam(config.lr)
         optimizer.build(model.trainable_variables)
 
-        def train_step(x):
-            eps = generator.normal([tf.shape(x)[0], config.z_dim])
-            with tf.GradientTape() as tape:
-                losses = compute_loss(model, x, eps)
-                objective = losses["rec"] + config.beta * losses["kl"]  # beta-VAE; 1: the ELBO
-            grads = tape.gradient(objective, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return losses
-
-        train_epoch = utils.compile_epoch(train_step, ["loss", "rec", "kl"], generator,
-                                          config.batch_size)
+        train_epoch = utils.compile_epoch(make_train_step(config, model, optimizer, generator),
+                                          ["loss", "rec", "kl"], generator, config.batch_size)
 
         @tf.function(jit_compile=True)
         def evaluate(x):

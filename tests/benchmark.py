@@ -1,184 +1,338 @@
-"""Benchmark: how close ae.py and vae.py train to the machine's float32 matmul limit.
+"""Benchmark: ae.py and vae.py against the machine's matmul limit and against PyTorch and JAX.
 
-Usage: python tests/benchmark.py [--epochs 12] [--eager-epochs 3] [--data-dir DIR]
+Usage: python tests/benchmark.py [--epochs 12] [--loop-epochs 4] [--repeats 2] [--data-dir DIR]
 
 Measures, in one run on this machine (not collected by pytest):
-  1. the achievable float32 matmul rate (4096^3 tf.matmul in a tf.function, best of 5);
+  1. float32 matmul rates: a 4096^3 tf.matmul, and the models' own products (each Dense layer's
+     forward product at batch 512, e.g. 512 x 784 x 256, and its two gradient products, the
+     transposes), XLA-compiled, best of 5;
   2. each model's training FLOPs per epoch from its layer sizes: forward, weight gradients, and
      input gradients except for the first layer: 2 * (3 * forward MACs - first-layer MACs) * 60000;
-  3. the steady training epoch of `python ae.py` / `python vae.py` run as users run them (the
-     `seconds` column of their history.csv, median over the epochs after the first two; each
-     script runs twice, interleaved, and the faster run counts, as noise only adds time);
-  4. what runs around training per epoch (test-set evaluation, grids, history row, checkpoint):
-     the median time between two epoch lines of the script's output, minus its training
-     seconds; and, of that, the checkpoint alone (the same tf.train.CheckpointManager save of
-     model, optimizer and generator, timed here, median of 20);
-  5. the same models trained by a plain eager GradientTape loop over tf.data batches, like the
-     tutorial's code (without its per-step image saving, so the comparison favours it);
-  6. the peak resident memory of each script's process.
-Then prints a table; the FLOP-limit time is 2. / 1.
+     the FLOP-limit time is that over the rate of the models' own products;
+  3. the training epoch of `python ae.py` / `python vae.py` run as users run them (the `seconds`
+     column of their history.csv, median over the epochs after the first two), and what runs
+     around training per epoch (test-set evaluation, grids, history row, checkpoint: the median
+     time between two epoch lines of the output, minus the training seconds), and peak memory;
+  4. the same models and epochs (a fresh permutation, batches of 512, the short last batch kept,
+     Adam 1e-3) trained by: the tutorial's eager GradientTape loop over tf.data batches; a loop
+     calling one XLA-compiled tf.function per batch (so Python's per-batch dispatch stays, and
+     only the whole-epoch design is left out); PyTorch in eager mode and JAX with a whole epoch as
+     one jitted lax.scan, each when installed (they are optional, never requirements).
+Every contender gets --repeats runs, interleaved; a run's figure is its median epoch after the
+first (compilation, warm-up), and the best run counts, as noise on a shared machine only ever
+adds time.
 """
 
 import argparse
+import csv
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import csv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import utils  # noqa: E402  (first: it loads TensorFlow quietly)
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
 import ae  # noqa: E402
-import utils  # noqa: E402
 import vae  # noqa: E402
 
-N_TRAIN = 60000
+BATCH = 512
+WIDTHS = {"ae.py": [784, 256, 128, 20, 128, 256, 784],  # the Dense layers, input to output
+          "vae.py": [784, 128, 20, 128, 784]}  # fc2 and fc3 side by side as one 128 -> 20
+Z_DIM = 10
 
 
-def matmul_rate(n=4096, repeats=5):
-    """Best float32 FLOP/s of an n x n x n matmul."""
-    a = tf.random.normal([n, n])
-    b = tf.random.normal([n, n])
-    matmul = tf.function(lambda a, b: tf.reduce_sum(tf.matmul(a, b)))
-    float(matmul(a, b))  # trace and warm up
+def best_seconds(fn, repeats=5):
+    fn()  # trace, compile, warm up
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        float(matmul(a, b))  # the result fetched, so the work is done
+        fn()
         best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
+    return best
 
 
-def training_flops(model, n=N_TRAIN):
-    """2 * (3 * forward MACs - first-layer MACs) * n, from the Dense kernels' shapes."""
-    kernels = [v for v in model.trainable_variables if len(v.shape) == 2]
-    macs = [int(k.shape[0]) * int(k.shape[1]) for k in kernels]
+def matmul_rate(n=4096):
+    """Best float32 FLOP/s of an n x n x n matmul."""
+    a, b = tf.random.normal([n, n]), tf.random.normal([n, n])
+    matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(a, b)), jit_compile=True)
+    return 2 * n ** 3 / best_seconds(lambda: float(matmul()))
+
+
+def shape_rate(widths, batch=BATCH, calls=20):
+    """Best float32 FLOP/s of a model's own products: per layer m -> n at batch b, x @ W
+    (b x m x n), x^T @ dy (m x b x n) and dy @ W^T (b x n x m), 20 times in one call."""
+    mats = [(tf.random.normal([batch, m]), tf.random.normal([m, n]), tf.random.normal([batch, n]))
+            for m, n in zip(widths, widths[1:])]
+
+    @tf.function(jit_compile=True)
+    def products():
+        total = 0.0
+        for i in tf.range(calls):
+            for x, w, dy in mats:
+                s = tf.cast(i, tf.float32) * 1e-9  # a new input each time, so nothing is hoisted
+                total += tf.reduce_sum(tf.matmul(x + s, w)) + tf.reduce_sum(tf.matmul(x + s, dy, transpose_a=True)) \
+                    + tf.reduce_sum(tf.matmul(dy + s, w, transpose_b=True))
+        return total
+
+    flops = calls * sum(3 * 2 * batch * m * n for m, n in zip(widths, widths[1:]))
+    return flops / best_seconds(lambda: float(products()))
+
+
+def training_flops(widths, n=60000):
+    macs = [m * k for m, k in zip(widths, widths[1:])]
     return 2 * (3 * sum(macs) - macs[0]) * n
 
 
 def run_script(script, epochs, data_dir, out):
-    """Run `python script` as a user would; return training seconds, epoch wall times, peak RSS."""
+    """Run `python script` as a user would: (median training s, median wall s between epoch
+    lines, peak RSS bytes)."""
     cmd = [sys.executable, os.path.join(ROOT, script), "--epochs", str(epochs), "--out", out]
     if data_dir:
         cmd += ["--data-dir", data_dir]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    stamps = []
-    for line in proc.stdout:
-        if line.startswith("epoch "):
-            stamps.append(time.perf_counter())
+    stamps = [time.perf_counter() for line in proc.stdout if line.startswith("epoch ")]
     _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        sys.exit(f"benchmark: {' '.join(cmd)} failed with exit code {proc.returncode}")
+    if os.waitstatus_to_exitcode(status):
+        sys.exit(f"benchmark: {' '.join(cmd)} failed")
     with open(os.path.join(out, "history.csv")) as f:
-        seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
-    walls = [b - a for a, b in zip(stamps, stamps[1:])]  # walls[i]: epoch i + 2
-    peak_bytes = usage.ru_maxrss * 1024  # kilobytes on Linux
-    return seconds[2:], walls[1:], peak_bytes
+        seconds = [float(row["seconds"]) for row in csv.DictReader(f)][2:]
+    walls = [b - a for a, b in zip(stamps, stamps[1:])][1:]  # walls[i]: epoch i + 3
+    return statistics.median(seconds), statistics.median(walls), usage.ru_maxrss * 1024
 
 
-def checkpoint_seconds(model, repeats=20):
-    """Median time of one CheckpointManager.save of model, Adam and a generator, as the scripts
-    save after every epoch."""
+# --- TensorFlow loops: the tutorial's eager one, and one compiled call per batch ---------------
+
+def tf_loss(script):
+    if script == "ae.py":
+        return ae.AE(20), lambda m, x: ae.compute_loss(m, x, x)["bce"]
+    return vae.VAE(Z_DIM), lambda m, x: vae.compute_loss(m, x, tf.random.normal([tf.shape(x)[0], Z_DIM]))["loss"]
+
+
+def tf_loop(script, x_train, epochs, compiled):
+    model, loss_fn = tf_loss(script)
     optimizer = keras.optimizers.Adam(1e-3)
-    optimizer.build(model.trainable_variables)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=tf.Variable(0),
-                                     generator=tf.random.Generator.from_seed(0))
-    with tempfile.TemporaryDirectory() as folder:
-        manager = tf.train.CheckpointManager(checkpoint, folder, max_to_keep=3)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            manager.save()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
+    def step(x):
+        x = tf.cast(x, tf.float32) / 255.0
+        with tf.GradientTape() as tape:
+            loss = loss_fn(model, x)
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
 
-def eager_epochs(model, loss_fn, x_train, epochs, batch_size=512):
-    """The tutorial's loop: tf.data batches, eager GradientTape, Adam; seconds per epoch."""
-    optimizer = keras.optimizers.Adam(1e-3)
-    data = tf.data.Dataset.from_tensor_slices(x_train).shuffle(batch_size * 5).batch(batch_size)
+    if compiled:
+        step = tf.function(step, jit_compile=True)  # two shapes: full batches, the last one
+    data = tf.data.Dataset.from_tensor_slices(x_train).shuffle(len(x_train)).batch(BATCH)
     times = []
     for _ in range(epochs):
         start = time.perf_counter()
         for x in data:
-            x = tf.cast(x, tf.float32) / 255.0
-            with tf.GradientTape() as tape:
-                loss = loss_fn(model, x)
-            grads = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            loss = step(x)
         float(loss)
         times.append(time.perf_counter() - start)
     return times
 
 
+# --- PyTorch, eager ----------------------------------------------------------------------------
+
+def torch_loop(script, x_train, epochs):
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    x_all = torch.from_numpy(x_train)
+    if script == "ae.py":
+        model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
+                              nn.Linear(128, 20), nn.Linear(20, 128), nn.ReLU(),
+                              nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 784))
+
+        def loss_fn(x):
+            return nn.functional.binary_cross_entropy_with_logits(model(x), x)
+    else:
+        encoder, heads = nn.Sequential(nn.Linear(784, 128), nn.ReLU()), nn.Linear(128, 2 * Z_DIM)
+        decoder = nn.Sequential(nn.Linear(Z_DIM, 128), nn.ReLU(), nn.Linear(128, 784))
+        model = nn.ModuleList([encoder, heads, decoder])
+
+        def loss_fn(x):
+            mu, log_var = heads(encoder(x)).chunk(2, dim=1)
+            z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
+            rec = nn.functional.binary_cross_entropy_with_logits(decoder(z), x, reduction="sum") / len(x)
+            kl = -0.5 * torch.sum(1 + log_var - mu ** 2 - log_var.exp()) / len(x)
+            return rec + kl
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for idx in torch.randperm(len(x_all)).split(BATCH):
+            x = x_all[idx].float() / 255.0
+            optimizer.zero_grad()
+            loss = loss_fn(x)
+            loss.backward()
+            optimizer.step()
+        float(loss)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+# --- JAX: a whole epoch as one jitted lax.scan -------------------------------------------------
+
+def jax_loop(script, x_train, epochs):
+    import jax
+    import jax.numpy as jnp
+
+    def dense(key, m, n):
+        return {"w": jax.random.normal(key, (m, n)) * jnp.sqrt(2.0 / m), "b": jnp.zeros(n)}
+
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 8))
+    if script == "ae.py":
+        sizes = [784, 256, 128, 20, 128, 256, 784]
+        params = [dense(next(keys), m, n) for m, n in zip(sizes, sizes[1:])]
+
+        def loss_fn(params, x, key):
+            h = x
+            for i, layer in enumerate(params):
+                h = h @ layer["w"] + layer["b"]
+                if i not in (2, len(params) - 1):  # the code and the logits stay linear
+                    h = jax.nn.relu(h)
+            return jnp.mean(jnp.maximum(h, 0) - h * x + jnp.log1p(jnp.exp(-jnp.abs(h))))
+    else:
+        params = [dense(next(keys), 784, 128), dense(next(keys), 128, 2 * Z_DIM),
+                  dense(next(keys), Z_DIM, 128), dense(next(keys), 128, 784)]
+
+        def loss_fn(params, x, key):
+            h = jax.nn.relu(x @ params[0]["w"] + params[0]["b"])
+            mu, log_var = jnp.split(h @ params[1]["w"] + params[1]["b"], 2, axis=1)
+            z = mu + jnp.exp(0.5 * log_var) * jax.random.normal(key, mu.shape)
+            logits = jax.nn.relu(z @ params[2]["w"] + params[2]["b"]) @ params[3]["w"] + params[3]["b"]
+            rec = jnp.sum(jnp.maximum(logits, 0) - logits * x + jnp.log1p(jnp.exp(-jnp.abs(logits)))) / len(x)
+            kl = -0.5 * jnp.sum(1 + log_var - mu ** 2 - jnp.exp(log_var)) / len(x)
+            return rec + kl
+
+    def adam_step(state, x, key):
+        params, m, v, t = state
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, key)
+        t = t + 1
+        m = jax.tree.map(lambda m, g: 0.9 * m + 0.1 * g, m, grads)
+        v = jax.tree.map(lambda v, g: 0.999 * v + 0.001 * g * g, v, grads)
+        lr = 1e-3 * jnp.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t)
+        params = jax.tree.map(lambda p, m, v: p - lr * m / (jnp.sqrt(v) + 1e-7), params, m, v)
+        return (params, m, v, t), loss
+
+    n = len(x_train)
+    n_full = n // BATCH * BATCH
+
+    @jax.jit
+    def epoch(state, x_all, key):
+        key, perm_key = jax.random.split(key)
+        order = jax.random.permutation(perm_key, n)
+        batches = order[:n_full].reshape(-1, BATCH)
+
+        def body(state, idx_key):
+            idx, k = idx_key
+            return adam_step(state, x_all[idx].astype(jnp.float32) / 255.0, k)
+
+        state, losses = jax.lax.scan(body, state, (batches, jax.random.split(key, len(batches))))
+        if n_full < n:
+            state, _ = adam_step(state, x_all[order[n_full:]].astype(jnp.float32) / 255.0, key)
+        return state, losses.mean()
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    state, key, x_all = (params, zeros, zeros, 0), jax.random.PRNGKey(1), jnp.asarray(x_train)
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        key, sub = jax.random.split(key)
+        state, loss = epoch(state, x_all, sub)
+        float(loss)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def available(module):
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=12, help="epochs of each script (>= 4)")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each script; the best counts")
-    parser.add_argument("--eager-epochs", type=int, default=3, help="epochs of the eager loops")
+    parser.add_argument("--epochs", type=int, default=12, help="epochs of each script run (>= 4)")
+    parser.add_argument("--loop-epochs", type=int, default=4,
+                        help="epochs of each other contender's run (>= 2; the first is warm-up)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of every contender; the best counts")
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: as the scripts)")
     args = parser.parse_args()
 
-    devices = tf.config.list_physical_devices("GPU")
-    device = f"GPU: {tf.config.experimental.get_device_details(devices[0]).get('device_name', devices[0].name)}" \
-        if devices else f"CPU: {os.cpu_count()} cores"
-    print(f"device {device}, TensorFlow {tf.__version__}", flush=True)
-    # The scripts run first, in their own processes, while this one has not yet started
-    # TensorFlow's thread pools (which, once busy, slow a neighbour on a small machine).
-    # Each script runs --repeats times, interleaved; a run's figure is its median epoch, and the
-    # best run counts (noise from a shared machine only ever adds time), as for the matmul rate.
-    runs = {"ae.py": [], "vae.py": []}
-    for _ in range(args.repeats):
-        for script in runs:
-            with tempfile.TemporaryDirectory() as out:
-                seconds, walls, peak = run_script(script, args.epochs, args.data_dir, out)
-            runs[script].append((statistics.median(seconds), statistics.median(walls), peak))
-            print(f"{script}: {runs[script][-1][0]:.3f} s per training epoch", flush=True)
-    scripts = {script: min(results) for script, results in runs.items()}
-    rate = matmul_rate()
-    print(f"float32 matmul 4096^3: {rate / 1e9:.0f} GFLOP/s", flush=True)
-
+    gpus = tf.config.list_physical_devices("GPU")
+    device = (f"GPU: {tf.config.experimental.get_device_details(gpus[0]).get('device_name', gpus[0].name)}"
+              if gpus else f"CPU: {cpu_model()}, {os.cpu_count()} cores")
+    print(f"{device}; TensorFlow {tf.__version__}", flush=True)
     (x_train, _), _ = utils.load_fashion_mnist(args.data_dir)
-    x_train = tf.constant(x_train.reshape(-1, 784))
-    z_dim = 10
-    eps = lambda x: tf.random.normal([tf.shape(x)[0], z_dim])
-    models = {
-        "ae.py": (ae.AE(20), lambda m, x: ae.compute_loss(m, x, x)["bce"]),
-        "vae.py": (vae.VAE(z_dim), lambda m, x: vae.compute_loss(m, x, eps(x))["loss"]),
-    }
-    rows = []
-    for script, (model, loss_fn) in models.items():
-        eager = statistics.median(eager_epochs(model, loss_fn, x_train, args.eager_epochs))
-        checkpoint_s = checkpoint_seconds(model)
-        flops = training_flops(model)
-        train_s, wall_s, _ = scripts[script]
-        peak = max(run[2] for run in runs[script])
-        limit_s = flops / rate
-        around = 100 * (wall_s - train_s) / train_s
-        rows.append((script, train_s, flops / 1e9, limit_s, train_s / limit_s, around,
-                     around - 100 * checkpoint_s / train_s, eager, eager / train_s, peak / 2**30))
-        print(f"{script}: eager loop {eager:.2f} s per epoch", flush=True)
+    x_train = x_train.reshape(-1, 784)
+    loops = {"eager": lambda s: tf_loop(s, x_train, args.loop_epochs, compiled=False),
+             "per-step": lambda s: tf_loop(s, x_train, args.loop_epochs, compiled=True)}
+    if available("torch"):
+        loops["PyTorch"] = lambda s: torch_loop(s, x_train, args.loop_epochs)
+    if available("jax"):
+        loops["JAX"] = lambda s: jax_loop(s, x_train, args.loop_epochs)
 
-    print()
-    print("| script | s/epoch (median) | GFLOP/epoch | FLOP-limit s | ratio | around training "
-          "| without checkpoint | eager loop s/epoch | speed-up | peak RSS |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]:.3f} | {r[2]:.1f} | {r[3]:.3f} | {r[4]:.2f}x | +{r[5]:.1f}% "
-              f"| +{r[6]:.1f}% | {r[7]:.2f} | {r[8]:.1f}x | {r[9]:.2f} GB |")
-    print(f"\n{device}; matmul {rate / 1e9:.0f} GFLOP/s; script epochs {args.epochs} "
-          f"(median of epochs 3-{args.epochs}, best of {args.repeats} runs), "
-          f"eager epochs {args.eager_epochs}")
+    results = {}  # (script, contender) -> [(train s, wall s, peak bytes)]
+    for repeat in range(args.repeats):
+        for script in WIDTHS:
+            # the script first, in its own process, while this one's thread pools are idle
+            with tempfile.TemporaryDirectory() as out:
+                figures = run_script(script, args.epochs, args.data_dir, out)
+            results.setdefault((script, "script"), []).append(figures)
+            for name, loop in loops.items():
+                figure = statistics.median(loop(script)[1:])
+                results.setdefault((script, name), []).append((figure, None, None))
+            print(f"run {repeat + 1}: {script}: " + ", ".join(
+                f"{name} {runs[-1][0]:.3f} s" for (s, name), runs in results.items() if s == script),
+                flush=True)
+
+    cube = matmul_rate()
+    print(f"\nfloat32 matmul 4096^3: {cube / 1e9:.0f} GFLOP/s", flush=True)
+    peers = [name for name in loops if name in ("PyTorch", "JAX")]
+    print("\n| script | s/epoch | GFLOP/epoch | own-shapes GFLOP/s | FLOP-limit s | ratio "
+          "| around training | peak RSS | eager loop | per-step tf.function | "
+          + " | ".join(peers) + (" | fastest peer / script" if peers else "") + " |")
+    print("|---" * (11 + len(peers) + bool(peers)) + "|")
+    for script, widths in WIDTHS.items():
+        best = {name: min(runs) for (s, name), runs in results.items() if s == script}
+        train_s, wall_s, _ = best["script"]
+        peak = max(run[2] for run in results[(script, "script")])
+        rate = shape_rate(widths)
+        limit_s = training_flops(widths) / rate
+        cells = [f"{train_s:.3f}", f"{training_flops(widths) / 1e9:.1f}", f"{rate / 1e9:.0f}",
+                 f"{limit_s:.3f}", f"{train_s / limit_s:.2f}x",
+                 f"+{100 * (wall_s - train_s) / train_s:.1f}%", f"{peak / 2**30:.2f} GiB"]
+        cells += [f"{best[name][0]:.3f} ({best[name][0] / train_s:.1f}x)" for name in ("eager", "per-step")]
+        cells += [f"{best[name][0]:.3f}" for name in peers]
+        if peers:
+            fastest = min(best[name][0] for name in peers)
+            cells.append(f"{fastest / train_s:.2f}x")  # the target: at least 1.10x
+        print(f"| {script} | " + " | ".join(cells) + " |")
+    print(f"\nseconds per training epoch; {device}; script runs of {args.epochs} epochs (median of "
+          f"epochs 3-{args.epochs}), other runs of {args.loop_epochs} (median of epochs "
+          f"2-{args.loop_epochs}); best of {args.repeats} runs each")
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
 
 
 if __name__ == "__main__":

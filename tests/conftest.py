@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -53,11 +54,28 @@ def tiny_data(tmp_path_factory):
     return folder, write_dataset(folder)
 
 
+@pytest.fixture(scope="session")
+def template_run(tiny_data, tmp_path_factory):
+    import ae
+    out = str(tmp_path_factory.mktemp("template") / "run")
+    ae.train(make_config(ae, tiny_data[0], out, h_dim=6))
+    return out
+
+
+@pytest.fixture
+def finished_run(tiny_data, template_run, tmp_path):
+    """A copy of a finished two-epoch ae.py run (--h-dim 6 --batch-size 100) in tmp_path/run:
+    (data folder, run folder)."""
+    out = str(tmp_path / "run")
+    shutil.copytree(template_run, out)
+    return tiny_data[0], out
+
+
 def make_config(script, data_dir, out, **overrides):
     """The flags script's parser gives by default, for a short run on tiny data, changed by
     overrides (h_dim=6 for --h-dim 6)."""
     config = script.make_parser().parse_args(["--data-dir", data_dir, "--out", str(out)])
-    values = dict(epochs=2, batch_size=64, seed=1, iw_samples=20)
+    values = dict(epochs=2, batch_size=100, seed=1, iw_samples=20)  # 600 / 100: no short batch, half the compile time
     values.update(overrides)
     for name, value in values.items():
         if hasattr(config, name) or name in overrides:

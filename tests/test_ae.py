@@ -35,14 +35,16 @@ def test_loss_is_bce_per_pixel():
     assert float(losses["mse"]) == pytest.approx(np.mean((p - xn) ** 2), rel=1e-5)
 
 
-def test_two_epochs_end_to_end(tiny_data, tmp_path):
+def test_two_epochs_end_to_end(tiny_data, tmp_path, monkeypatch, capsys):
     data_dir, _ = tiny_data
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # on a terminal: a progress bar
     history = ae.train(make_config(ae, data_dir, tmp_path, h_dim=8))
+    out = capsys.readouterr().out
+    assert "2/2" in out and "test_bce" in out and "epoch 1/2  train bce" not in out
     assert [row["epoch"] for row in history] == [1, 2]
     with open(tmp_path / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["epoch", "seconds", "train_bce", "test_bce", "test_mse"]
-    assert [float(r["test_bce"]) for r in rows] == pytest.approx([r["test_bce"] for r in history])
     assert float(rows[1]["test_bce"]) < float(rows[0]["test_bce"])
     assert float(rows[1]["train_bce"]) < float(rows[0]["train_bce"])
     for epoch in (1, 2):
@@ -55,13 +57,6 @@ def test_two_epochs_end_to_end(tiny_data, tmp_path):
     assert not np.array_equal(g1[:, :, 1::2], g2[:, :, 1::2])
 
 
-def test_same_seed_same_history(tiny_data, tmp_path):
-    data_dir, _ = tiny_data
-    runs = [ae.train(make_config(ae, data_dir, tmp_path / str(i), epochs=1, h_dim=8)) for i in range(2)]
-    assert runs[0][0]["test_bce"] == runs[1][0]["test_bce"]
-    assert runs[0][0]["train_bce"] == runs[1][0]["train_bce"]
-
-
 def run_script(*args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "ae.py"), *args],
                           capture_output=True, text=True, timeout=120)
@@ -70,22 +65,24 @@ def run_script(*args):
 def test_cli_missing_data_is_one_line_and_exit_2(tmp_path):
     result = run_script("--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"))
     assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"ae.py: error: {tmp_path / 'nowhere'}: no such folder (--data-dir)")
+    # the whole of stderr: nothing from TensorFlow's start-up on a machine without a GPU
+    assert result.stderr == f"ae.py: error: {tmp_path / 'nowhere'}: no such folder (--data-dir)\n"
 
 
-def test_cli_unwritable_output_loses_nothing(tiny_data, tmp_path):
+def test_cli_unwritable_output_loses_nothing(tiny_data, tmp_path, capsys):
     data_dir, _ = tiny_data
     blocker = tmp_path / "images"
     blocker.write_bytes(b"not a folder")
-    result = run_script("--data-dir", data_dir, "--out", str(blocker / "ae"))
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert "is a file, not a folder" in result.stderr.strip().splitlines()[-1]
+    with pytest.raises(SystemExit) as info:
+        ae.main(["--data-dir", data_dir, "--out", str(blocker / "ae")])
+    assert info.value.code == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
     assert blocker.read_bytes() == b"not a folder"
 
 
-def test_cli_rejects_impossible_flags(tmp_path):
-    result = run_script("--h-dim", "0", "--out", str(tmp_path))
-    assert result.returncode == 2 and "--h-dim" in result.stderr and "Traceback" not in result.stderr
+@pytest.mark.parametrize("flags", [["--h-dim", "0"], ["--epochs", "two"], ["--lr", "nan"]])
+def test_cli_rejects_impossible_flags_in_one_line(tmp_path, capsys, flags):
+    with pytest.raises(SystemExit) as info:
+        ae.main([*flags, "--out", str(tmp_path)])
+    err = capsys.readouterr().err.splitlines()
+    assert info.value.code == 2 and len(err) == 1 and flags[0] in err[0]

@@ -1,10 +1,12 @@
 """The tutorial's other autoencoders and measurements: denoising, adversarial, codes, PCA, beta,
 the importance-weighted likelihood, the latent map and interpolations."""
 
+import glob
 import json
 
 import numpy as np
 import pytest
+import keras
 import tensorflow as tf
 from PIL import Image
 
@@ -49,16 +51,44 @@ def test_corrupt_adds_scaled_noise_and_clips():
     np.testing.assert_allclose(ae.corrupt(x, 0.2, noise), [[0.0, 0.6, 1.0, 0.6]], rtol=1e-6)
 
 
-def test_denoising_run_writes_triplet_grids_and_the_noisy_figures(tiny_data, tmp_path):
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """The same ten epochs (a learning rate and a step count at which the tiny data are learnt)
+    as a plain, an adversarial and a denoising autoencoder: {name: (out folder, summary)}."""
     data_dir, _ = tiny_data
-    ae.train(make_config(ae, data_dir, tmp_path, noise=0.3, h_dim=6))
-    grid = np.array(Image.open(tmp_path / "rec_epoch_002.png")).reshape(10, 28, 10, 28)
-    assert (grid[:, :, 9] == 0).all()  # three triplets a row, the tenth column empty
-    # the noisy inputs (columns 0, 3, 6) differ from the clean originals (2, 5, 8)
-    assert not np.array_equal(grid[:, :, 0::3][:, :, :3], grid[:, :, 2::3][:, :, :3])
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["flags"]["noise"] == 0.3
-    assert summary["test_bce_from_noisy"] < summary["identity_bce_noisy"]
+    runs = {}
+    for name, flags in (("plain", {}), ("adversarial", {"adversarial": True}),
+                        ("denoising", {"noise": 0.5})):
+        out = tmp_path_factory.mktemp(name)
+        ae.train(make_config(ae, data_dir, out, h_dim=4, epochs=10, batch_size=20, lr=3e-3,
+                             eval_noise=0.5, **flags))
+        runs[name] = out, json.loads((out / "summary.json").read_text())
+    return runs
+
+
+def test_the_denoiser_cleans_noisy_inputs_better_than_a_plain_autoencoder(trained):
+    plain, denoising = trained["plain"][1], trained["denoising"][1]
+    assert denoising["test_bce_from_noisy"] < plain["test_bce_from_noisy"] - 0.005
+    assert denoising["identity_bce_noisy"] == plain["identity_bce_noisy"]  # the same test noise
+
+
+def test_triplet_grid_puts_noisy_output_clean_side_by_side():
+    noisy, outputs, clean = (np.full((30, 784), v / 255.0) + np.arange(30)[:, None] / 255.0
+                             for v in (0, 100, 200))
+    grid = utils.triplet_grid(noisy, outputs, clean)
+    for k in range(100):
+        r, c = divmod(k, 10)
+        i, which = 3 * r + c // 3, c % 3
+        expected = 0 if c == 9 else 100 * which + i  # the tenth column stays black
+        assert (grid[k] == expected).all(), (r, c)
+
+
+def test_denoising_run_writes_triplet_grids(trained):
+    out = trained["denoising"][0]
+    grid = np.array(Image.open(out / "rec_epoch_010.png")).reshape(10, 28, 10, 28)
+    # the noisy inputs (columns 0, 3, 6) are the clean originals (2, 5, 8) plus noise
+    noisy, clean = grid[:, :, 0:9:3].astype(float), grid[:, :, 2:9:3].astype(float)
+    assert 0.2 * 255 < np.std(noisy - clean) < 0.5 * 255
 
 
 # --- adversarial -------------------------------------------------------------------------------
@@ -93,13 +123,65 @@ def test_each_adversarial_update_touches_only_its_players_variables():
     assert all(moved[:len(enc)]) and not any(moved[len(enc):])
 
 
-def test_adversarial_run_writes_samples_and_game_losses(tiny_data, tmp_path):
-    data_dir, _ = tiny_data
-    history = ae.train(make_config(ae, data_dir, tmp_path, adversarial=True, h_dim=4))
-    assert {"train_disc", "train_gen"} <= set(history[0])
-    assert png(tmp_path / "sample_epoch_002.png") == ("L", (280, 280))
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["code_mean_abs"] >= 0 and summary["code_std_dev_from_1"] >= 0
+def test_adversarial_codes_end_nearer_the_prior_than_a_plain_autoencoders(trained):
+    out, adversarial = trained["adversarial"]
+    plain = trained["plain"][1]
+    assert adversarial["code_mean_abs"] < plain["code_mean_abs"] / 1.5
+    assert adversarial["code_std_dev_from_1"] < plain["code_std_dev_from_1"] / 3
+    assert {"train_disc", "train_gen"} <= set(adversarial["final"])
+    assert png(out / "sample_epoch_010.png") == ("L", (280, 280))
+
+
+def test_the_discriminator_learns_to_tell_prior_from_codes_and_the_encoder_to_fool_it():
+    """The labels' direction: prior samples are real (1), codes fake (0), and the encoder's
+    update raises the discriminator's belief that its codes are real."""
+    tf.random.set_seed(0)
+    config = ae.make_parser().parse_args(["--adversarial", "--h-dim", "2", "--lr", "0.01"])
+    model, discriminator = ae.AE(2), ae.make_discriminator()
+    x = tf.random.uniform([64, 784], seed=2)
+    model(x)
+    discriminator(tf.zeros([1, 2]))
+    optimizers = ae.make_optimizers(config, model, 10, discriminator)
+    z_prior = tf.random.normal([64, 2], seed=4)
+    for _ in range(20):
+        ae.discriminator_step(model, discriminator, optimizers["disc_optimizer"], x, z_prior)
+    real, fake = discriminator(z_prior), discriminator(model.encoder(x))
+    assert float(tf.reduce_mean(real)) > float(tf.reduce_mean(fake))
+    for _ in range(5):
+        ae.generator_step(model, discriminator, optimizers["gen_optimizer"], x)
+    assert float(tf.reduce_mean(discriminator(model.encoder(x)))) > float(tf.reduce_mean(fake))
+
+
+def spy_gradients(monkeypatch, optimizer):
+    """Record the gradients optimizer is asked to apply."""
+    seen = []
+    real = optimizer.apply_gradients
+
+    def apply(pairs):
+        pairs = list(pairs)
+        seen.append([g.numpy() for g, _ in pairs])
+        return real(pairs)
+
+    monkeypatch.setattr(optimizer, "apply_gradients", apply)
+    return seen
+
+
+@pytest.mark.parametrize("loss", ["bce", "mse"])
+def test_the_training_step_descends_the_loss_chosen(monkeypatch, loss):
+    config = ae.make_parser().parse_args(["--h-dim", "3", "--loss", loss])
+    model = ae.AE(3)
+    x = tf.random.uniform([8, 784], seed=1)
+    model(x)
+    optimizers = ae.make_optimizers(config, model, 10)
+    with tf.GradientTape() as tape:  # the oracle: the chosen loss by hand
+        p = tf.sigmoid(model(x))
+        by_hand = {"bce": -tf.reduce_mean(x * tf.math.log(p) + (1 - x) * tf.math.log(1 - p)),
+                   "mse": tf.reduce_mean((p - x) ** 2)}[loss]
+    expected = tape.gradient(by_hand, model.trainable_variables)
+    seen = spy_gradients(monkeypatch, optimizers["optimizer"])
+    ae.make_train_step(config, model, optimizers, tf.random.Generator.from_seed(1))(x)
+    for got, want in zip(seen[0], expected):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-3, atol=1e-7)
 
 
 def test_code_statistics():
@@ -152,6 +234,30 @@ def test_export_codes_and_compare_pca(tiny_data, tmp_path):
 
 # --- VAE: beta, importance weighting, latent map, interpolation --------------------------------
 
+@pytest.mark.parametrize("beta", [1.0, 3.0])
+def test_the_vae_step_descends_rec_plus_beta_kl(monkeypatch, beta):
+    config = vae.make_parser().parse_args(["--z-dim", "3", "--beta", str(beta)])
+    model = vae.VAE(3)
+    x = tf.random.uniform([8, 784], seed=1)
+    model(x, tf.zeros([8, 3]))
+    optimizer = keras.optimizers.Adam(config.lr)
+    generator = tf.random.Generator.from_seed(5)
+    twin = tf.random.Generator.from_state(generator.state.read_value(), generator.algorithm)
+    eps = twin.normal([8, 3])  # what the step will draw
+    with tf.GradientTape() as tape:  # the oracle: the beta-VAE objective by hand
+        logits, mu, log_var = model(x, eps)
+        p = tf.sigmoid(logits)
+        rec = -tf.reduce_mean(tf.reduce_sum(x * tf.math.log(p) + (1 - x) * tf.math.log(1 - p), 1))
+        kl = tf.reduce_mean(0.5 * tf.reduce_sum(mu ** 2 + tf.exp(log_var) - 1 - log_var, 1))
+        objective = rec + beta * kl
+    expected = tape.gradient(objective, model.trainable_variables)
+    seen = spy_gradients(monkeypatch, optimizer)
+    vae.make_train_step(config, model, optimizer, generator)(x)
+    for got, want in zip(seen[0], expected):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-3, atol=1e-6)
+
+
+
 def test_log_mean_exp_matches_direct_computation_and_stays_finite():
     a = np.random.default_rng(3).normal(size=(7, 5)) * 3
     np.testing.assert_allclose(vae.log_mean_exp(tf.constant(a), axis=0),
@@ -183,17 +289,24 @@ def test_iw_estimate_agrees_with_a_direct_computation():
     np.testing.assert_allclose(vae.iw_nll(model, x, eps).numpy(), expected, rtol=1e-4)
 
 
-def test_vae_run_modes_and_iw_bound(tiny_data, tmp_path):
+def test_vae_run_modes_iw_bound_and_tensorboard(tiny_data, tmp_path):
     data_dir, _ = tiny_data
-    history = vae.train(make_config(vae, data_dir, tmp_path, z_dim=2, beta=2.0, iw_samples=50))
+    history = vae.train(make_config(vae, data_dir, tmp_path, z_dim=2, beta=2.0, iw_samples=50,
+                                    logdir=str(tmp_path / "tb")))
     assert [row["beta"] for row in history] == [2.0, 2.0]
     for name in ("rec", "sample", "manifold"):
         assert png(tmp_path / f"{name}_epoch_002.png") == ("L", (280, 280))
     assert png(tmp_path / "interpolation.png") == ("L", (280, 280))
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["iw_samples"] == 50 and summary["flags"]["beta"] == 2.0
-    assert summary["test_neg_elbo"] == pytest.approx(history[-1]["test_loss"])
     assert summary["test_nll_iw"] < summary["test_neg_elbo"]
+    # TensorBoard got every column of history.csv and every grid, for each epoch
+    tags = {}
+    for path in glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, set()).add(event.step)
+    expected = (set(history[0]) - {"epoch"}) | {"rec", "sample", "manifold"}
+    assert expected <= set(tags) and all(tags[t] == {1, 2} for t in expected)
 
 
 def test_latent_grid_walks_the_normal_quantiles():

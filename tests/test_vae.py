@@ -68,10 +68,6 @@ def test_two_epochs_end_to_end(tiny_data, tmp_path):
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert list(rows[0]) == ["epoch", "seconds", "train_rec", "train_kl", "train_loss",
                              "test_rec", "test_kl", "test_loss", "beta"]
-    for r in rows:
-        for split in ("train", "test"):
-            assert float(r[f"{split}_loss"]) == pytest.approx(
-                float(r[f"{split}_rec"]) + float(r[f"{split}_kl"]), rel=1e-5)
     assert float(rows[1]["test_loss"]) < float(rows[0]["test_loss"])
     assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
     for name in ("rec", "sample"):
