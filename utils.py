@@ -308,7 +308,7 @@ def write_json(path, obj):
 def history_text(rows):
     """The per-epoch rows (dicts with the same keys) as CSV text with a header."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))  # lines end in \r\n, as RFC 4180 has it
     writer.writeheader()
     writer.writerows(rows)
     return text.getvalue()

@@ -98,14 +98,27 @@ def run_script(script, epochs, data_dir, out):
     if data_dir:
         cmd += ["--data-dir", data_dir]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    stamps = [time.perf_counter() for line in proc.stdout if line.startswith("epoch ")]
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
+    stamps, peak = [], 0
+    for line in proc.stdout:
+        if line.startswith("epoch "):
+            stamps.append(time.perf_counter())
+        peak = max(peak, peak_rss(proc.pid))
+    if proc.wait():
         sys.exit(f"benchmark: {' '.join(cmd)} failed")
     with open(os.path.join(out, "history.csv")) as f:
         seconds = [float(row["seconds"]) for row in csv.DictReader(f)][2:]
     walls = [b - a for a, b in zip(stamps, stamps[1:])][1:]  # walls[i]: epoch i + 3
-    return statistics.median(seconds), statistics.median(walls), usage.ru_maxrss * 1024
+    return statistics.median(seconds), statistics.median(walls), peak
+
+
+def peak_rss(pid):
+    """The process's peak resident memory so far in bytes (VmHWM, Linux), 0 where unknown. Read
+    while it runs: a child's rusage would also count the pages of this process it forked from."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0
 
 
 # --- TensorFlow loops: the tutorial's eager one, and one compiled call per batch ---------------
@@ -147,7 +160,7 @@ def torch_loop(script, x_train, epochs):
     import torch
     from torch import nn
     torch.manual_seed(0)
-    x_all = torch.from_numpy(x_train)
+    x_all = torch.from_numpy(np.array(x_train))  # a writable copy, as torch wants
     if script == "ae.py":
         model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
                               nn.Linear(128, 20), nn.Linear(20, 128), nn.ReLU(),
@@ -176,7 +189,7 @@ def torch_loop(script, x_train, epochs):
             loss = loss_fn(x)
             loss.backward()
             optimizer.step()
-        float(loss)
+        float(loss.detach())
         times.append(time.perf_counter() - start)
     return times
 
