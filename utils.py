@@ -24,43 +24,53 @@ import threading
 import time
 
 # What TensorFlow prints while it loads on a machine without a GPU, although nothing is wrong:
-# held back. Every other line it prints then (a real warning or error) is passed on.
-START_UP_NOISE = ("All log messages before absl::InitializeLog()", "cudart_stub.cc",
-                  "failed call to cuInit", "cpu_feature_guard.cc",
+# held back. Every other line it prints then (a real warning or error) is passed on at once.
+START_UP_NOISE = ("All log messages before absl::InitializeLog()", "cpu_feature_guard.cc",
                   "To enable the following instructions")
+NO_GPU_NOISE = ("cudart_stub.cc", "failed call to cuInit")  # noise only where there is no GPU
 
 
 @contextlib.contextmanager
 def loading_tensorflow():
     """Around TensorFlow's import and its platform start: Ctrl-C gives one line and exit 130
-    (nothing is written yet), and the start-up lines of START_UP_NOISE are held back. They come
-    from C++ before TF_CPP_MIN_LOG_LEVEL applies, so standard error is caught at the file
-    descriptor and the other lines are passed on afterwards."""
+    (nothing is written yet), and the lines of START_UP_NOISE (and, without an NVIDIA device,
+    NO_GPU_NOISE) are held back. They come from C++ before TF_CPP_MIN_LOG_LEVEL applies, so
+    standard error goes through a pipe, from which a thread passes every other line on."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's info lines
+    noise = START_UP_NOISE + (NO_GPU_NOISE * (not glob.glob("/dev/nvidia[0-9]*")))
     main = threading.current_thread() is threading.main_thread()
-    sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        read_end, write_end = os.pipe()
+    except (OSError, ValueError):  # no usable standard error: nothing to hold back
+        yield
+        return
 
     def interrupted(signum, frame):
         os.write(saved, f"{os.path.basename(sys.argv[0])}: interrupted\n".encode())
         os._exit(130)
 
+    def forward():
+        with os.fdopen(read_end, "rb") as pipe:
+            for line in pipe:
+                if not any(n.encode() in line for n in noise):
+                    os.write(saved, line)
+
     previous = signal.signal(signal.SIGINT, interrupted) if main else None
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            if main:
-                signal.signal(signal.SIGINT, previous)
-            held.seek(0)
-            for line in held.read().decode(errors="replace").splitlines(keepends=True):
-                if not any(noise in line for noise in START_UP_NOISE):
-                    sys.stderr.write(line)
-            sys.stderr.flush()
+    forwarder = threading.Thread(target=forward, daemon=True)
+    forwarder.start()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        if main:
+            signal.signal(signal.SIGINT, previous)
+        os.dup2(saved, 2)  # closes the pipe's last write end: the thread reads to its end
+        forwarder.join(timeout=5)
+        os.close(saved)
 
 
 with loading_tensorflow():
@@ -417,7 +427,8 @@ def run_main(prog, train, parser, argv=None):
     except OSError as e:
         if e.errno not in DISK_ERRORS:
             raise
-        print(f"{prog}: error: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
+        where = f" {e.filename}" if e.filename else ""
+        print(f"{prog}: error: cannot write{where}: {e.strerror}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # outside the epochs, where Run turns Ctrl-C into a clean stop
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -435,8 +446,9 @@ RESUMABLE_FLAGS = {"epochs", "data_dir", "logdir", "eval_noise", "export_codes",
 # Flags that say how to start, not what the run is: never saved with it.
 START_FLAGS = {"out", "resume", "overwrite"}
 # What a run writes into --out; --overwrite deletes these and nothing else.
-RUN_FILES = ("run.json", "history.csv", "checkpoints", "*_epoch_[0-9]*.png", "*.weights.h5",
-             "summary.json", "codes.npz", "pca_vs_ae.json", "pca_vs_ae.png", "interpolation.png")
+RUN_FILES = ("run.json", "history.csv", "checkpoints/checkpoint", "checkpoints/ckpt-[0-9]*",
+             "*_epoch_[0-9]*.png", "*.weights.h5", "summary.json", "codes.npz", "pca_vs_ae.json",
+             "pca_vs_ae.png", "interpolation.png")
 LOCK_FILE = ".lock"  # kept after the run: removing it could let two runs lock different files
 SAVED = {"flags": "run_flags/.ATTRIBUTES/VARIABLE_VALUE",
          "history": "run_history/.ATTRIBUTES/VARIABLE_VALUE"}
@@ -444,7 +456,8 @@ SAVED = {"flags": "run_flags/.ATTRIBUTES/VARIABLE_VALUE",
 
 def run_files(out_dir):
     """The files of a run in out_dir (see RUN_FILES), sorted."""
-    return sorted(p for pattern in RUN_FILES for p in glob.glob(os.path.join(glob.escape(out_dir), pattern)))
+    folder = glob.escape(out_dir)
+    return sorted(p for pattern in RUN_FILES for p in glob.glob(os.path.join(folder, pattern)))
 
 
 if os.name == "nt":
@@ -482,7 +495,11 @@ def take_lock(f, folder):
     """Lock the open lock file f of folder, or close it and raise UserError naming the holder."""
     try:
         try_lock(f)
-    except OSError:
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            f.close()
+            raise UserError(f"cannot lock {folder} ({e.strerror}): its file system does not "
+                            "support locks; choose an --out on a local disk") from None
         f.seek(0)
         holder = f.read().strip()
         f.close()
@@ -555,11 +572,12 @@ def resume_point(out_dir):
 
 
 def remove_leftovers(out_dir):
-    """Delete what interrupted writes leave: write_atomically's temporary files and the
-    ckpt-N_temp folders of checkpoint saves."""
+    """Delete what interrupted writes of a run leave: write_atomically's temporary files (named
+    .tmp-XXXX-NAME) and the ckpt-N_temp folders of checkpoint saves."""
     folder = glob.escape(out_dir)
-    for path in (glob.glob(os.path.join(folder, TMP_PREFIX + "*"))
-                 + glob.glob(os.path.join(folder, "checkpoints", "*_temp*"))):
+    for path in (glob.glob(os.path.join(folder, TMP_PREFIX + "*-*"))
+                 + glob.glob(os.path.join(folder, "checkpoints", TMP_PREFIX + "*-checkpoint"))
+                 + glob.glob(os.path.join(folder, "checkpoints", "ckpt-[0-9]*_temp"))):
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
@@ -627,11 +645,14 @@ class Run:
         self.flags = {k: v for k, v in sorted(vars(config).items()) if k not in START_FLAGS}
         self.lock = lock_folder(self.out)
         try:
-            remove_leftovers(self.out)
             self.old_run, self.resume_from, self.history = [], None, []
+            self.resumed_epoch = 0  # the epoch of the checkpoint --resume continues from
             self.checkpointed_flags = None  # the flags in the newest checkpoint, once there is one
             if config.resume:
                 self.resume_from, saved, skipped = resume_point(self.out)
+                if set(saved["flags"]) != set(self.flags):
+                    raise UserError(f"--resume: {self.out} holds a run of the other script, with "
+                                    f"flags {', '.join(sorted(saved['flags']))}")
                 for name in sorted(set(saved["flags"]) | set(self.flags)):
                     ours, theirs = self.flags.get(name), saved["flags"].get(name)
                     if name not in RESUMABLE_FLAGS and ours != theirs:
@@ -643,6 +664,7 @@ class Run:
                     print(f"{prog}: skipped checkpoint {name}: {reason}", file=sys.stderr, flush=True)
                 self.history = saved["history"]
                 self.checkpointed_flags = saved["flags"]
+                self.resumed_epoch = self.history[-1]["epoch"] if self.history else 0
             else:
                 self.old_run = run_files(self.out)
                 if self.old_run and not config.overwrite:
@@ -651,6 +673,7 @@ class Run:
                         f"{self.out} already holds a run ({names}{', ...' * (len(self.old_run) > 3)});"
                         f" continue it with: {command_line(prog, '--out', self.out, '--resume')}, "
                         "or replace it (its files are deleted) by adding --overwrite")
+            remove_leftovers(self.out)  # the folder is this run's, or one to be replaced
             self.writer = None
             if config.logdir:
                 try:
@@ -664,7 +687,7 @@ class Run:
         self.progbar = None
         self.signal = None
         self.writing = False  # while the files of an epoch are written, a second signal waits
-        self.wrote = False  # whether this process has written any file of the run yet
+        self.wrote = False  # whether this process has written run.json yet
 
     def __enter__(self):
         self.pool = concurrent.futures.ThreadPoolExecutor(1)
@@ -697,7 +720,7 @@ class Run:
     def stop_now(self, signum):
         """Exit at once, from a signal handler: the epoch in progress runs on another thread,
         which only exiting the process stops. No file is being written (see on_signal)."""
-        done = int(self.epoch) if hasattr(self, "epoch") else 0
+        done = int(self.epoch) if hasattr(self, "epoch") else self.resumed_epoch
         saved = (f"the checkpoint of epoch {done} is kept; continue with: "
                  f"{self.resume_command()}" if done
                  else "no epoch had finished, so there is nothing to resume")
@@ -712,7 +735,7 @@ class Run:
         args = ["--out", self.out, "--resume"]
         for name in sorted(RESUMABLE_FLAGS):
             value = self.flags.get(name)
-            if value in (None, False) or value == self.checkpointed_flags.get(name):
+            if value is None or value is False or value == self.checkpointed_flags.get(name):
                 continue  # the same, or not expressible as a flag (a flag can only switch on)
             args += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
         return command_line(self.prog, *args)
@@ -740,7 +763,8 @@ class Run:
                 reason = str(e).strip().splitlines()[0]
                 raise UserError(f"--resume: {self.resume_from} does not fit this script's model "
                                 f"({reason})") from None
-            self.manager = self.checkpoint_manager(self.resume_from)
+            with self.writing_files():
+                self.manager = self.checkpoint_manager(self.resume_from)
             done = int(self.epoch)
             self.history = [row for row in self.history if row["epoch"] <= done]
             self.rebuild_files()

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 import ae
 import utils
+import vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--h-dim", "6", "--batch-size", "100"]
@@ -352,3 +353,21 @@ def test_an_unwritable_logdir_is_one_plain_sentence(tiny_data, tmp_path, monkeyp
                         tmp_path / "tb", *TINY)
     assert code == 2 and len(err) == 1
     assert err[0].endswith("cannot write there (permission denied)") and "{{" not in err[0]
+
+
+def test_a_refused_start_deletes_nothing_of_someone_elses(tiny_data, tmp_path, capsys):
+    data_dir, _ = tiny_data
+    out = tmp_path / "project"
+    (out / "checkpoints" / "model_temp").mkdir(parents=True)
+    (out / "checkpoints" / "model_temp" / "weights.bin").write_bytes(b"theirs")
+    (out / "history.csv").write_text("theirs\n")
+    before = snapshot(str(out))
+    code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, *TINY)
+    assert code == 2 and "already holds a run" in err[0]
+    assert snapshot(str(out)) == before
+
+
+def test_resume_with_the_other_script_is_one_line(finished_run, capsys):
+    data_dir, out = finished_run
+    code, err, _ = main(capsys, vae, "--out", out, "--resume")
+    assert code == 2 and len(err) == 1 and "holds a run of the other script" in err[0], err

@@ -283,3 +283,17 @@ def test_compile_epoch_trains_as_a_plain_eager_loop_does():
     assert compiled == pytest.approx(total / 50, rel=1e-4)
     for a, b in zip(model.weights, model2.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_loading_tensorflow_holds_back_only_the_start_up_noise():
+    """A line of the known noise is dropped; any other line, here a real warning, passes."""
+    import subprocess
+    import sys
+    script = ("import os, sys; sys.path.insert(0, sys.argv[1]); import utils\n"
+              "with utils.loading_tensorflow():\n"
+              "    os.write(2, b'W0000 cpu_feature_guard.cc:227] optimized for AVX2\\n')\n"
+              "    print('UserWarning: a real one', file=sys.stderr)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script, root], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stderr == "UserWarning: a real one\n"
