@@ -571,6 +571,11 @@ def resume_point(out_dir):
     raise UserError(f"--resume: {out_dir} holds no run to continue; start one without --resume")
 
 
+def remove(path):
+    """Delete a file, or a folder with everything in it."""
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
 def remove_leftovers(out_dir):
     """Delete what interrupted writes of a run leave: write_atomically's temporary files (named
     .tmp-XXXX-NAME) and the ckpt-N_temp folders of checkpoint saves."""
@@ -578,7 +583,7 @@ def remove_leftovers(out_dir):
     for path in (glob.glob(os.path.join(folder, TMP_PREFIX + "*-*"))
                  + glob.glob(os.path.join(folder, "checkpoints", TMP_PREFIX + "*-checkpoint"))
                  + glob.glob(os.path.join(folder, "checkpoints", "ckpt-[0-9]*_temp"))):
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        remove(path)
 
 
 def command_line(prog, *args):
@@ -863,7 +868,7 @@ class Run:
                            f"try a smaller --lr. Last good checkpoint: {kept}")
         with self.writing_files():
             for path in self.old_run:  # --overwrite: the old run goes once the new one has an epoch
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                remove(path)
             self.old_run = []
             if self.manager is None:
                 self.manager = self.checkpoint_manager()
