@@ -1,7 +1,8 @@
-"""Train an MLP autoencoder on Fashion-MNIST and save reconstruction grids of the test set.
+"""Train an MLP autoencoder on Fashion-MNIST or your own images; save reconstruction grids.
 
 Usage: python ae.py [--epochs 100] [--h-dim 20] [--out images/ae]
        [--loss bce|mse] [--noise SIGMA] [--adversarial] [--export-codes] [--compare-pca]
+       [--dataset fashion-mnist|mnist|FOLDER|FILE.npz] [--image-size HxW] [--channels 1|3]
 
 Each epoch prints train and test losses per pixel, writes rec_epoch_NNN.png (test originals in
 the even columns, their reconstructions to the right) and appends to history.csv. The variants
@@ -24,9 +25,10 @@ EVAL_NOISE_SEED = (2015, 0)  # the same test noise for every run, so runs compar
 
 
 class AE(keras.Model):
-    """784 -> 256 -> 128 -> h_dim -> 128 -> 256 -> 784, ReLU between, the decoder giving logits."""
+    """pixels -> 256 -> 128 -> h_dim -> 128 -> 256 -> pixels, ReLU between, the decoder giving
+    logits; pixels is height x width x channels (784 for Fashion-MNIST)."""
 
-    def __init__(self, h_dim=20):
+    def __init__(self, h_dim=20, pixels=784):
         super().__init__()
         self.encoder = keras.Sequential([
             layers.Dense(256, activation="relu"),
@@ -36,7 +38,7 @@ class AE(keras.Model):
         self.decoder = keras.Sequential([
             layers.Dense(128, activation="relu"),
             layers.Dense(256, activation="relu"),
-            layers.Dense(784),
+            layers.Dense(pixels),
         ])
 
     def call(self, x):
@@ -142,19 +144,21 @@ def make_train_step(config, model, optimizers, generator, discriminator=None):
 
 
 def encode(model, x, chunk=10000):
-    """Codes of images x (n, 784) in [0, 1], computed in chunks; a NumPy array (n, h_dim)."""
+    """Codes of images x (n, pixels) in [0, 1], computed in chunks; a NumPy array (n, h_dim)."""
     return np.concatenate([model.encoder(x[i:i + chunk]).numpy() for i in range(0, len(x), chunk)])
 
 
 def to_float(images):
-    """uint8 images (n, 28, 28) -> float32 (n, 784) in [0, 1]."""
-    return images.reshape(-1, 784).astype(np.float32) / 255.0
+    """uint8 images (n, h, w, c) -> float32 (n, h * w * c) in [0, 1]."""
+    return images.reshape(len(images), -1).astype(np.float32) / 255.0
 
 
-def compare_with_pca(config, model, x_train, y_train, x_test, y_test):
+def compare_with_pca(config, model, data):
     """PCA with --h-dim components against the autoencoder on the test set: reconstruction BCE
-    and MSE, and 5-nearest-neighbour accuracy on the codes. Writes pca_vs_ae.json and .png."""
-    x_train_f, x_test_f = to_float(x_train), to_float(x_test)
+    and MSE, and, where the data have labels, 5-nearest-neighbour accuracy on the codes. Writes
+    pca_vs_ae.json and .png."""
+    x_train_f, x_test_f = to_float(data.x_train), to_float(data.x_test)
+    y_train, y_test = data.y_train, data.y_test
     mean, components = utils.fit_pca(x_train_f, config.h_dim)
     pca_train, pca_test = (x_train_f - mean) @ components.T, (x_test_f - mean) @ components.T
     # PCA's reconstructions are not probabilities: clipped to [0, 1], and BCE taken as Keras
@@ -163,30 +167,35 @@ def compare_with_pca(config, model, x_train, y_train, x_test, y_test):
     ae_train, ae_test = encode(model, x_train_f), encode(model, x_test_f)
     figures = {
         "pca": {"bce": float(np.mean(keras.losses.binary_crossentropy(x_test_f, pca_rec))),
-                "mse": float(np.mean((pca_rec - x_test_f) ** 2)),
-                "knn_accuracy": utils.knn_accuracy(pca_train, y_train, pca_test, y_test, k=5)},
-        "ae": {**{k: float(v) for k, v in compute_loss(model, x_test_f, x_test_f).items()},
-               "knn_accuracy": utils.knn_accuracy(ae_train, y_train, ae_test, y_test, k=5)},
+                "mse": float(np.mean((pca_rec - x_test_f) ** 2))},
+        "ae": {k: float(v) for k, v in compute_loss(model, x_test_f, x_test_f).items()},
     }
+    if y_train is not None:
+        figures["pca"]["knn_accuracy"] = utils.knn_accuracy(pca_train, y_train, pca_test, y_test, k=5)
+        figures["ae"]["knn_accuracy"] = utils.knn_accuracy(ae_train, y_train, ae_test, y_test, k=5)
     utils.write_json(os.path.join(config.out, "pca_vs_ae.json"), figures)
     note = "" if config.h_dim == 2 else f" (first 2 principal directions of {config.h_dim}-D codes)"
     utils.save_scatter_plots([(f"PCA{note}", utils.first_two_directions(pca_test)),
                               (f"autoencoder{note}", utils.first_two_directions(ae_test))],
-                             y_test, os.path.join(config.out, "pca_vs_ae.png"))
+                             y_test, data.class_names, os.path.join(config.out, "pca_vs_ae.png"))
     for name in ("pca", "ae"):
         f = figures[name]
+        accuracy = (f"  5-NN accuracy {f['knn_accuracy']:.4f}" if "knn_accuracy" in f
+                    else "  (no labels, so no 5-NN accuracy)")
         print(f"{name:>3} with {config.h_dim} dimensions: test bce {f['bce']:.4f}  mse "
-              f"{f['mse']:.4f}  5-NN accuracy {f['knn_accuracy']:.4f}", flush=True)
+              f"{f['mse']:.4f}{accuracy}", flush=True)
     return figures
 
 
 def train(config):
     """Train an AE as config says, writing into config.out; return the history rows."""
     started = time.perf_counter()
-    (x_train_u8, y_train), (x_test_u8, y_test) = utils.load_fashion_mnist(config.data_dir)
-    with utils.Run(config, "ae.py", n_train=len(x_train_u8)) as run:
-        x_train = tf.constant(x_train_u8.reshape(-1, 784))  # uint8, scaled per batch in the step
-        x_test = tf.constant(x_test_u8.reshape(-1, 784), tf.float32) / 255.0
+    data = utils.load_data(config)
+    with utils.Run(config, "ae.py", data) as run:
+        data.report("ae.py")
+        # uint8, scaled per batch in the step
+        x_train = tf.constant(data.x_train.reshape(len(data.x_train), -1))
+        x_test = tf.constant(data.x_test.reshape(len(data.x_test), -1), tf.float32) / 255.0
         # Test inputs: clean, or with noise drawn once (stateless, from the seed) for a denoiser
         x_test_in = x_test
         if config.noise:
@@ -195,7 +204,7 @@ def train(config):
         x_probe, x_probe_in = x_test[:50], x_test_in[:50]  # the same images in every epoch's grid
 
         keras.utils.set_random_seed(config.seed)
-        model = AE(config.h_dim)
+        model = AE(config.h_dim, data.pixels)
         model(x_probe)  # create the weights
         discriminator = None
         if config.adversarial:
@@ -227,12 +236,12 @@ def train(config):
             row = {"epoch": epoch, "seconds": round(seconds, 3)}
             row.update({f"train_{k}": v for k, v in train_losses.items()})
             row.update({f"test_{k}": float(v) for k, v in test_losses.items()})
-            grids = {"rec": (utils.triplet_grid(x_probe_in, x_hat, x_probe) if config.noise
-                             else utils.pair_grid(x_probe, x_hat))}
+            grids = {"rec": (utils.triplet_grid(x_probe_in, x_hat, x_probe, data.shape)
+                             if config.noise else utils.pair_grid(x_probe, x_hat, data.shape))}
             figures = (f"train {config.loss} {row['train_' + config.loss]:.4f}  test bce "
                        f"{row['test_bce']:.4f}  test mse {row['test_mse']:.4f}")
             if config.adversarial:
-                grids["sample"] = utils.to_uint8(samples)
+                grids["sample"] = utils.to_uint8(samples, data.shape)
                 figures += f"  disc {row['train_disc']:.3f}  gen {row['train_gen']:.3f}"
             run.end_epoch(row, grids, figures)
         run.save_weights(model, "ae.weights.h5")
@@ -246,6 +255,7 @@ def train(config):
                                       for i in range(0, x_test.shape[0], 1000)])
         summary = {
             "flags": vars(config),
+            "data": data.description(),
             "final": run.history[-1] if run.history else None,
             "train_seconds": round(sum(float(r["seconds"]) for r in run.history), 1),
             "eval_noise": config.eval_noise,
@@ -254,12 +264,14 @@ def train(config):
             **utils.code_statistics(encode(model, x_test)),
         }
         if config.export_codes:
-            codes = {"train_codes": encode(model, to_float(x_train_u8)), "train_labels": y_train,
-                     "test_codes": encode(model, to_float(x_test_u8)), "test_labels": y_test}
+            codes = {"train_codes": encode(model, to_float(data.x_train)),
+                     "test_codes": encode(model, to_float(data.x_test))}
+            if data.y_train is not None:
+                codes.update(train_labels=data.y_train, test_labels=data.y_test)
             utils.write_atomically(os.path.join(config.out, "codes.npz"),
                                    lambda tmp: np.savez(tmp, **codes))
         if config.compare_pca:
-            summary["pca_vs_ae"] = compare_with_pca(config, model, x_train_u8, y_train, x_test_u8, y_test)
+            summary["pca_vs_ae"] = compare_with_pca(config, model, data)
         summary["total_seconds"] = round(time.perf_counter() - started, 1)
         utils.write_json(os.path.join(config.out, "summary.json"), summary)
         print(f"test bce from noisy inputs (sigma {config.eval_noise}): "
@@ -285,7 +297,7 @@ def make_parser():
     parser.add_argument("--adversarial", action="store_true",
                         help="adversarial autoencoder: a discriminator pushes the codes to N(0, I)")
     parser.add_argument("--export-codes", action="store_true",
-                        help="write the train and test codes with their labels to codes.npz")
+                        help="write the train and test codes (with their labels, if any) to codes.npz")
     parser.add_argument("--compare-pca", action="store_true",
                         help="compare with PCA of --h-dim components: pca_vs_ae.json and .png")
     return parser

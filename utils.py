@@ -5,12 +5,15 @@ tests can import it freely. The scripts import it before TensorFlow for that rea
 """
 
 import argparse
+import collections
 import concurrent.futures
 import contextlib
 import csv
 import errno
+import functools
 import glob
 import gzip
+import hashlib
 import io
 import json
 import math
@@ -78,7 +81,7 @@ with loading_tensorflow():
     import keras
     import tensorflow as tf
     tf.config.list_physical_devices()  # starts the platforms, which log, now
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
 
 FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -230,6 +233,488 @@ def check_downloaded(data):
 
 
 # ---------------------------------------------------------------------------------------------
+# Any data set: --dataset fashion-mnist, mnist, a folder of images or an .npz file
+# ---------------------------------------------------------------------------------------------
+
+IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")  # a GIF or WebP: its first frame
+RESAMPLE = Image.Resampling.LANCZOS  # Pillow's Lanczos filter, anti-aliased when shrinking
+BACKGROUND = (0, 0, 0, 255)  # transparent pixels are composited on black, as Fashion-MNIST's is
+MIN_IMAGES = 50  # per split: the reconstruction grids show 50 test images
+SHOWN = 3  # skipped files named in the line that counts them
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+MNIST_FILE = "mnist.npz"
+HOW_TO_GET_MNIST = (
+    "MNIST not found and the download failed. On a machine with internet, "
+    "python -c 'import keras; keras.datasets.mnist.load_data()' puts mnist.npz into "
+    "~/.keras/datasets; copy it to the same place here, or pass --data-dir DIR for a folder "
+    "holding mnist.npz.")
+
+
+class Data:
+    """Images as the models take them: uint8 arrays (n, height, width, channels), labels (n,)
+    where the data have them, and where they came from."""
+
+    def __init__(self, source, x_train, y_train, x_test, y_test, class_names=None, notes=(),
+                 no_labels=None):
+        self.source, self.notes, self.no_labels = source, list(notes), no_labels
+        self.x_train, self.y_train, self.x_test, self.y_test = x_train, y_train, x_test, y_test
+        self.class_names = class_names if y_train is not None else None
+        self.shape = x_train.shape[1:]  # (height, width, channels)
+        self.pixels = int(np.prod(self.shape))
+
+    @functools.cache
+    def description(self):
+        """What identifies the data of a run (kept with it, so --resume can tell a change)."""
+        digest = hashlib.sha256()
+        for array in (self.x_train, self.y_train, self.x_test, self.y_test):
+            if array is not None:
+                digest.update(np.ascontiguousarray(array).data)
+        return {"source": self.source, "train": len(self.x_train), "test": len(self.x_test),
+                "shape": list(self.shape), "classes": self.class_names,
+                "sha256": digest.hexdigest()}
+
+    def report(self, prog):
+        """Say before training what the data are, and (on standard error) what was skipped."""
+        print(self.summary(), flush=True)
+        for note in self.notes:
+            print(f"{prog}: {note}", file=sys.stderr, flush=True)
+
+    def summary(self):
+        """The line printed before training."""
+        h, w, c = self.shape
+        classes = self.no_labels or "no labels"
+        if self.class_names:
+            names = ", ".join(self.class_names[:10]) + ", ..." * (len(self.class_names) > 10)
+            classes = f"{len(self.class_names)} classes ({names})"
+        return (f"data: {self.source}: {len(self.x_train):,} training and {len(self.x_test):,} "
+                f"test images of {h}x{w}, {c} channel{'s' * (c > 1)}, {classes}")
+
+
+def load_data(config):
+    """The data --dataset names, converted as --image-size and --channels say.
+
+    Returns a Data; raises DataError with a one-line message (nothing decoded beyond
+    --max-memory). Files skipped from a folder are listed in Data.notes.
+    """
+    dataset = config.dataset
+    if config.data_dir and dataset not in ("fashion-mnist", "mnist"):
+        raise DataError(f"--data-dir is for --dataset fashion-mnist or mnist; --dataset {dataset} "
+                        "names the data itself")
+    limit = config.max_memory or available_memory() // 2
+    if dataset == "fashion-mnist":
+        (x_train, y_train), (x_test, y_test) = load_fashion_mnist(config.data_dir)
+        return from_arrays("Fashion-MNIST", x_train, y_train, x_test, y_test, config, limit,
+                           CLASS_NAMES)
+    if dataset == "mnist":
+        path = find_mnist(config.data_dir)
+        if path is None:
+            try:
+                (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
+            except Exception:
+                raise DataError(HOW_TO_GET_MNIST) from None
+            check_labels(f"MNIST as downloaded", x_train, y_train, x_test, y_test)
+        else:
+            (x_train, y_train), (x_test, y_test) = read_npz(path, config, limit)
+        return from_arrays("MNIST", x_train, y_train, x_test, y_test, config, limit,
+                           [str(d) for d in range(10)])
+    if os.path.isdir(dataset):
+        return read_image_folder(dataset, config, limit)
+    if os.path.isfile(dataset):
+        (x_train, y_train), (x_test, y_test) = read_npz(dataset, config, limit)
+        names = None if y_train is None else [str(k) for k in range(int(max(y_train.max(initial=0),
+                                                                            y_test.max(initial=0))) + 1)]
+        return from_arrays(dataset, x_train, y_train, x_test, y_test, config, limit, names)
+    raise DataError(f"--dataset {dataset}: no such file or folder (--dataset takes fashion-mnist, "
+                    "mnist, a folder of images or an .npz file)")
+
+
+def available_memory():
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), else the total."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def size_text(n):
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_memory(where, n, shape, config, limit):
+    """Refuse data whose decoded pixels (n x height x width x channels bytes) exceed limit."""
+    need = n * int(np.prod(shape))
+    if need > limit:
+        what = "--max-memory" if config.max_memory else "half the memory available"
+        raise DataError(f"{where}: {n:,} images of {'x'.join(map(str, shape))} need "
+                        f"{size_text(need)} in memory, more than {what} ({size_text(limit)}); "
+                        "use a smaller --image-size or fewer images, or raise --max-memory")
+
+
+def check_counts(where, n_train, n_test, advice):
+    if n_train < MIN_IMAGES or n_test < MIN_IMAGES:
+        raise DataError(f"{where}: {n_train} training and {n_test} test images; at least "
+                        f"{MIN_IMAGES} of each are needed (the grids show {MIN_IMAGES} test "
+                        f"images){advice}")
+
+
+def check_labels(where, x_train, y_train, x_test, y_test):
+    """Labels: none, or for both splits, integers from 0, one per image."""
+    if (y_train is None) != (y_test is None):
+        raise DataError(f"{where}: labels for one split only; give y_train and y_test, or neither")
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if y is None:
+            continue
+        if y.ndim != 1 or len(y) != len(x):
+            raise DataError(f"{where}: y_{split} has shape {y.shape}, expected ({len(x)},): one "
+                            f"label per image of x_{split}")
+        if y.dtype.kind not in "iu" or len(y) and y.min() < 0:
+            raise DataError(f"{where}: y_{split} must hold integer class numbers from 0 "
+                            f"(it holds {y.dtype})")
+
+
+def parse_size(text):
+    """An argparse type: 'HxW' (or 'N' for N x N) in pixels."""
+    parts = text.lower().split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        h = w = 0
+    if len(parts) != 2 or h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"must be HEIGHTxWIDTH in pixels, like 28x28, got {text}")
+    return [h, w]
+
+
+def parse_bytes(text):
+    """An argparse type: a number of bytes, with an optional K, M, G or T (powers of 1024)."""
+    units = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    number = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = number[-1:] if number[-1:] in units else ""
+    try:
+        value = float(number[:len(number) - len(unit)]) * units[unit]
+    except ValueError:
+        value = 0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a size like 8G or 500M, got {text}")
+    return int(value)
+
+
+def test_fraction(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+# --- arrays: Fashion-MNIST, MNIST and .npz files ------------------------------------------------
+
+def find_mnist(data_dir):
+    """mnist.npz in data_dir (which must hold it), else in Keras's cache; None if not there."""
+    if data_dir:
+        path = os.path.join(data_dir, MNIST_FILE)
+        if not os.path.isfile(path):
+            raise DataError(f"--data-dir {data_dir}: no {MNIST_FILE} there")
+        return path
+    keras_home = os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras"))
+    path = os.path.join(keras_home, "datasets", MNIST_FILE)
+    return path if os.path.isfile(path) else None
+
+
+def read_npz(path, config, limit):
+    """x_train, x_test (uint8, n x H x W or n x H x W x C with C 1 or 3) and optional y_train,
+    y_test from an .npz file, as Keras's mnist.npz holds them; shapes and types are checked
+    from the headers before anything is loaded."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in ("x_train", "x_test") if k not in npz.files]
+            if missing:
+                raise DataError(f"{path}: no {' or '.join(missing)} in the file (it holds "
+                                f"{', '.join(npz.files) or 'nothing'}); an .npz needs x_train and "
+                                "x_test, and may hold y_train and y_test, as Keras's mnist.npz")
+            headers = {k: npy_header(npz, k) for k in ("x_train", "x_test")}
+            for key, (shape, dtype) in headers.items():
+                if dtype != np.uint8:
+                    raise DataError(f"{path}: {key} holds {dtype}; images must be uint8 (0-255), "
+                                    "for example (x * 255).round().astype('uint8') of images in [0, 1]")
+                if len(shape) not in (3, 4) or len(shape) == 4 and shape[3] not in (1, 3):
+                    raise DataError(f"{path}: {key} has shape {shape}; expected N x H x W, or "
+                                    "N x H x W x C with C = 1 or 3")
+            (tr, _), (te, _) = headers["x_train"], headers["x_test"]
+            if tuple(tr[1:]) + (1,) * (4 - len(tr)) != tuple(te[1:]) + (1,) * (4 - len(te)):
+                raise DataError(f"{path}: x_train holds images of {tr[1:]}, x_test of {te[1:]}; "
+                                "both must have the same shape")
+            channels = tr[3] if len(tr) == 4 else 1
+            shape = (*(config.image_size or tr[1:3]), config.channels or channels)
+            check_memory(path, tr[0] + te[0], shape, config, limit)
+            arrays = {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test") if k in npz.files}
+    except DataError:
+        raise
+    except Exception as e:  # not a zip, truncated, a pickled array: all unreadable here
+        raise DataError(f"{path}: not a readable .npz file ({e or type(e).__name__})") from None
+    check_labels(path, arrays["x_train"], arrays.get("y_train"), arrays["x_test"],
+                 arrays.get("y_test"))
+    return ((arrays["x_train"], arrays.get("y_train")), (arrays["x_test"], arrays.get("y_test")))
+
+
+def npy_header(npz, key):
+    """(shape, dtype) of an array in an .npz, read from its header only."""
+    with npz.zip.open(key + ".npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def from_arrays(source, x_train, y_train, x_test, y_test, config, limit, class_names):
+    """Data from uint8 image arrays, converted to --image-size and --channels where they differ.
+    The default channels: 1 when every image is gray (a single channel, or three equal ones)."""
+    x_train, x_test = (x if x.ndim == 4 else x[..., None] for x in (x_train, x_test))
+    if config.channels:
+        channels = config.channels
+    else:
+        channels = 1 if x_train.shape[3] == 1 or all(is_gray_rgb(x) for x in (x_train, x_test)) else 3
+    size = tuple(config.image_size or x_train.shape[1:3])
+    shape = (*size, channels)
+    check_memory(source, len(x_train) + len(x_test), shape, config, limit)
+    check_counts(source, len(x_train), len(x_test), "")
+    if x_train.shape[1:] != shape:
+        x_train, x_test = (convert_array(x, size, channels) for x in (x_train, x_test))
+    if y_train is not None:
+        y_train, y_test = y_train.astype(np.int64), y_test.astype(np.int64)
+    return Data(source, x_train, y_train, x_test, y_test, class_names)
+
+
+def is_gray_rgb(x):
+    return x.shape[3] == 1 or bool(np.all(x[..., 0] == x[..., 1]) and np.all(x[..., 1] == x[..., 2]))
+
+
+def convert_array(x, size, channels):
+    """Every image of a uint8 array (n, h, w, c) through convert_image: (n, *size, channels)."""
+    out = np.empty((len(x), *size, channels), np.uint8)
+    mode = "L" if x.shape[3] == 1 else "RGB"
+    for i, image in enumerate(x):
+        pixels = image[..., 0] if mode == "L" else image
+        out[i] = convert_image(Image.fromarray(pixels, mode), size, channels).reshape(*size, channels)
+    return out
+
+
+# --- a folder of images -------------------------------------------------------------------------
+
+def convert_image(image, size, channels):
+    """A Pillow image as the models take it: (height, width) for 1 channel, (height, width, 3)
+    for 3, uint8. Transparent images are composited on black; palette, 1-bit and CMYK images
+    converted; 16-bit ones scaled to 8 bits; colour becomes gray by Pillow's ITU-R 601-2 luma;
+    other sizes are resized with the Lanczos filter (the aspect ratio is not kept)."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):  # convert("L") would clip at 255
+        wide = np.asarray(image).astype(np.int64)
+        image = Image.fromarray(((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, BACKGROUND),
+                                      image.convert("RGBA"))
+    mode = "L" if channels == 1 else "RGB"
+    if image.mode != mode:
+        image = image.convert(mode)
+    if image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), RESAMPLE)
+    return np.asarray(image)
+
+
+def upright(image):
+    """A photo as its camera's EXIF orientation says it is seen (JPEG and WebP files)."""
+    if image.format in ("JPEG", "MPO", "WEBP"):
+        return ImageOps.exif_transpose(image)
+    return image
+
+
+def probe_image(path):
+    """(height, width, gray) of an image file, from its header; or the reason it is unreadable."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.format in ("JPEG", "MPO", "WEBP") and image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                width, height = height, width  # rotated by a quarter turn
+            gray = image.mode in GRAY_MODES
+            if image.mode in ("P", "PA"):
+                palette = np.asarray(image.getpalette() or [0], np.int64)
+                palette = palette[:len(palette) // 3 * 3].reshape(-1, 3)
+                gray = bool(np.all(palette == palette[:, :1]))
+            return height, width, gray
+    except Exception as e:  # Pillow raises several kinds for a file it cannot read
+        return f"{type(e).__name__}: {e}"
+
+
+def decode_image(job):
+    """The pixels of one image file as convert_image gives them, or the reason it is unreadable."""
+    path, size, channels = job
+    try:
+        with Image.open(path) as image:
+            return convert_image(upright(image), size, channels)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def parallel_map(fn, items, chunk=1000):
+    """fn over items, in order, on a process per CPU where the system can fork (Linux), else here.
+
+    Decoding an image takes Pillow about 0.1 ms of Python, so threads would only take turns;
+    processes forked from this one start at once and share its memory until they write."""
+    items = list(items)
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    if workers < 2 or len(items) <= chunk or not sys.platform.startswith("linux"):
+        yield from map(fn, items)
+        return
+    import multiprocessing
+    pool = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("fork"), initializer=signal.signal,
+        initargs=(signal.SIGINT, signal.SIG_IGN))  # Ctrl-C is the parent's to answer
+    try:
+        chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
+        for results in pool.map(map_list, [fn] * len(chunks), chunks):
+            yield from results
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def map_list(fn, items):
+    return [fn(item) for item in items]
+
+
+def in_test_split(path, fraction):
+    """Whether a file goes to the test set: a stable hash of its path relative to the folder,
+    so that the split does not depend on --seed, and adding files moves none of the others."""
+    digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+def list_files(root):
+    """Every file under root, recursively, as sorted paths relative to root with '/' between
+    folders; hidden files and folders (a name starting with '.') are left out."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        relative = os.path.relpath(folder, root)
+        prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
+        found += [prefix + f for f in files if not f.startswith(".")]
+    return sorted(found)
+
+
+def read_image_folder(root, config, limit):
+    """A folder of images (PNG, JPEG, BMP, GIF, WebP; recursively) as Data.
+
+    With train/ and test/ folders in it, those are the splits; otherwise --test-split of the
+    images go to the test set (see in_test_split). The name of the folder an image is in, right
+    under the folder (or train/, test/), is its class; labels exist when every image has one
+    and there are two classes or more.
+    """
+    files = list_files(root)
+    top = {f.split("/", 1)[0] for f in files if "/" in f}
+    by_folders = {"train", "test"} <= top
+    skipped = {"unreadable": [], "not an image": [], "outside train/ and test/": []}
+    images = []  # (relative path, split, class folder or None)
+    for f in files:
+        parts = f.split("/")
+        if by_folders:
+            if parts[0] not in ("train", "test"):
+                skipped["outside train/ and test/"].append(f)
+                continue
+            split, parts = parts[0], parts[1:]
+        else:
+            split = "test" if in_test_split(f, config.test_split) else "train"
+        if not f.lower().endswith(IMAGE_TYPES):
+            skipped["not an image"].append(f)
+            continue
+        images.append((f, split, parts[0] if len(parts) > 1 else None))
+    if not images:
+        raise DataError(f"{root}: no image files ({', '.join(t[1:] for t in IMAGE_TYPES)}) in the "
+                        f"folder or below it ({len(files)} other files)")
+
+    probes = list(progress(parallel_map(probe_image, [os.path.join(root, f) for f, _, _ in images]),
+                           len(images), "reading image headers", every=10.0))
+    readable = []
+    for image, probe in zip(images, probes):
+        if isinstance(probe, str):
+            skipped["unreadable"].append(f"{image[0]} ({probe})")
+        else:
+            readable.append((image, probe))
+    check_strict(root, skipped, config)
+    if not readable:
+        raise DataError(f"{root}: none of its {len(images)} image files could be read "
+                        f"({skipped['unreadable'][0]})")
+    sizes = collections.Counter((h, w) for _, (h, w, _) in readable)
+    if config.image_size:
+        size = tuple(config.image_size)
+    elif len(sizes) == 1:
+        size = next(iter(sizes))
+    else:
+        found = ", ".join(f"{h}x{w} ({n:,})" for (h, w), n in sizes.most_common(5))
+        (h, w), _ = sizes.most_common(1)[0]
+        raise DataError(f"{root}: images of {len(sizes)} sizes ({found}{', ...' * (len(sizes) > 5)});"
+                        f" choose the one to resize them all to, for example --image-size {h}x{w}")
+    channels = config.channels or (1 if all(gray for _, (_, _, gray) in readable) else 3)
+    n_test = sum(split == "test" for (_, split, _), _ in readable)
+    advice = (", in test/" if by_folders else
+              f"; add images, or raise --test-split ({config.test_split} now)")
+    check_counts(root, len(readable) - n_test, n_test, advice)
+    check_memory(root, len(readable), (*size, channels), config, limit)
+
+    # decoded straight into the two splits' arrays, so the data are in memory once
+    test = np.array([split == "test" for (_, split, _), _ in readable])
+    slot = np.where(test, np.cumsum(test) - 1, np.cumsum(~test) - 1)
+    x = {False: np.empty((len(readable) - n_test, *size, channels), np.uint8),
+         True: np.empty((n_test, *size, channels), np.uint8)}
+    jobs = [(os.path.join(root, f), size, channels) for (f, _, _), _ in readable]
+    kept = np.ones(len(readable), bool)
+    for i, pixels in enumerate(progress(parallel_map(decode_image, jobs), len(jobs),
+                                        "decoding images", every=10.0)):
+        if isinstance(pixels, str):
+            skipped["unreadable"].append(f"{readable[i][0][0]} ({pixels})")
+            kept[i] = False
+        else:
+            x[bool(test[i])][slot[i]] = pixels.reshape(x[True].shape[1:])
+    check_strict(root, skipped, config)
+    if not kept.all():  # unreadable beyond the header: rare, worth a copy
+        x = {t: x[t][kept[test == t]] for t in (False, True)}
+        readable, test = [r for r, k in zip(readable, kept) if k], test[kept]
+    check_counts(root, len(x[False]), len(x[True]), advice)
+
+    classes = np.array([c or "" for (_, _, c), _ in readable], object)
+    class_names, labels, notes, no_labels = None, {False: None, True: None}, [], None
+    names = sorted(set(classes) - {""})
+    if "" in set(classes) and names:
+        no_labels = f"no labels ({int((classes == '').sum()):,} images are not in a class folder)"
+    elif len(names) == 1:
+        no_labels = f"no labels (one class folder, {names[0]})"
+    elif len(names) > 1:
+        class_names = names
+        number = {name: k for k, name in enumerate(names)}
+        index = np.array([number[c] for c in classes], np.int64)
+        labels = {t: index[test == t].astype(np.int64) for t in (False, True)}
+    layout = "train/ and test/" if by_folders else f"test split {config.test_split}"
+    summary_skips = {k: v for k, v in skipped.items() if v}
+    if summary_skips:
+        counts = "; ".join(f"{len(v):,} {k} ({', '.join(v[:SHOWN])}{', ...' * (len(v) > SHOWN)})"
+                           for k, v in summary_skips.items())
+        notes.insert(0, f"skipped {sum(map(len, summary_skips.values())):,} of {len(files):,} "
+                        f"files: {counts}")
+    return Data(f"{root} ({layout})", x[False], labels[False], x[True], labels[True], class_names,
+                notes, no_labels)
+
+
+def check_strict(root, skipped, config):
+    if config.strict and skipped["unreadable"]:
+        bad = skipped["unreadable"]
+        raise DataError(f"{root}: {len(bad)} image file{'s' * (len(bad) > 1)} could not be read "
+                        f"({', '.join(bad[:SHOWN])}{', ...' * (len(bad) > SHOWN)}); --strict "
+                        "allows none: remove or fix them, or leave out --strict to skip them")
+
+
+# ---------------------------------------------------------------------------------------------
 # Images and output files
 # ---------------------------------------------------------------------------------------------
 
@@ -256,40 +741,44 @@ def write_atomically(path, write):
 
 
 def make_grid(images):
-    """100 28x28 images -> one 280x280 array, image k at row k // 10, column k % 10."""
-    images = np.asarray(images, np.uint8).reshape(10, 10, 28, 28)
-    return images.transpose(0, 2, 1, 3).reshape(280, 280)
+    """100 images (100, h, w) or (100, h, w, 3) -> one (10h, 10w[, 3]) array, image k at row
+    k // 10, column k % 10."""
+    images = np.asarray(images, np.uint8)
+    h, w = images.shape[1:3]
+    grid = images.reshape(10, 10, h, w, -1).transpose(0, 2, 1, 3, 4).reshape(10 * h, 10 * w, -1)
+    return grid[..., 0] if grid.shape[2] == 1 else grid
 
 
 def save_images(images, path):
-    """Save 100 28x28 uint8 images as one 280x280 grayscale PNG, a 10x10 grid in row-major order.
-
-    Image k lands at row k // 10, column k % 10.
-    """
+    """Save 100 uint8 images, (100, h, w) gray or (100, h, w, 3) colour, as one PNG of 10x10 of
+    them in row-major order: image k at row k // 10, column k % 10."""
     grid = make_grid(images)
     # compress_level 1: half the encoding time of the default for 10% more bytes, as this runs
     # every epoch
-    write_atomically(path, lambda tmp: Image.fromarray(grid, mode="L").save(
+    write_atomically(path, lambda tmp: Image.fromarray(grid, "L" if grid.ndim == 2 else "RGB").save(
         tmp, format="PNG", compress_level=1))
 
 
-def to_uint8(images):
-    """Pixels in [0, 1] (any shape with 784 per image) -> uint8 images of 28x28."""
+def to_uint8(images, shape):
+    """Pixels in [0, 1], (n, h * w * c) or any shape holding that many per image -> uint8 images
+    (n, h, w) for one channel, (n, h, w, 3) for three."""
     pixels = np.nan_to_num(np.clip(np.asarray(images), 0.0, 1.0))  # a diverged model gives NaN
-    return (pixels * 255.0 + 0.5).astype(np.uint8).reshape(-1, 28, 28)
+    h, w, c = shape
+    return (pixels * 255.0 + 0.5).astype(np.uint8).reshape((-1, h, w) + (c,) * (c > 1))
 
 
-def pair_grid(originals, reconstructions):
+def pair_grid(originals, reconstructions, shape):
     """50 originals and their reconstructions -> 100 images, originals in the even columns."""
-    return np.stack([to_uint8(originals[:50]), to_uint8(reconstructions[:50])], 1).reshape(100, 28, 28)
+    pairs = np.stack([to_uint8(originals[:50], shape), to_uint8(reconstructions[:50], shape)], 1)
+    return pairs.reshape(100, *pairs.shape[2:])
 
 
-def triplet_grid(noisy, outputs, clean):
+def triplet_grid(noisy, outputs, clean, shape):
     """30 noisy inputs, their outputs and the clean originals -> 100 images: each row holds three
     (noisy, output, clean) triplets side by side; the last column stays black."""
-    triplets = np.stack([to_uint8(noisy[:30]), to_uint8(outputs[:30]), to_uint8(clean[:30])], 1)
-    rows = triplets.reshape(10, 9, 28, 28)
-    return np.concatenate([rows, np.zeros((10, 1, 28, 28), np.uint8)], 1).reshape(100, 28, 28)
+    triplets = np.stack([to_uint8(x[:30], shape) for x in (noisy, outputs, clean)], 1)
+    rows = triplets.reshape(10, 9, *triplets.shape[2:])
+    return np.concatenate([rows, np.zeros_like(rows[:, :1])], 1).reshape(100, *rows.shape[2:])
 
 
 def check_folder(folder, flag):
@@ -316,9 +805,10 @@ def write_json(path, obj):
 
 
 def history_text(rows):
-    """The per-epoch rows (dicts with the same keys) as CSV text with a header."""
+    """The per-epoch rows as CSV text with a header; a column that older rows lack (from a run
+    resumed by a newer version of the scripts) is empty in them."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))  # lines end in \r\n, as RFC 4180 has it
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))  # lines end in \r\n, as RFC 4180 has it
     writer.writeheader()
     writer.writerows(rows)
     return text.getvalue()
@@ -382,9 +872,26 @@ def make_parser(description, epochs, out):
     parser.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
     parser.add_argument("--seed", type=seed, default=22,
                         help="random seed (weights, shuffling, noise), 0 to 2**32 - 1")
+    parser.add_argument("--dataset", default="fashion-mnist", metavar="DATA",
+                        help="fashion-mnist, mnist, a folder of images (PNG, JPEG, BMP, GIF, WebP; "
+                        "sub-folders are classes; train/ and test/ folders, if there, are the "
+                        "split) or an .npz file with x_train, x_test and optionally y_train, y_test")
     parser.add_argument("--data-dir", default=None, metavar="DIR",
-                        help="folder with the four Fashion-MNIST .gz files (default: "
+                        help="folder with the four Fashion-MNIST .gz files, or mnist.npz (default: "
                         "$FASHION_MNIST_DIR, Keras's cache, " + DEBIAN_DIR + ", then download)")
+    parser.add_argument("--image-size", type=parse_size, default=None, metavar="HxW",
+                        help="resize every image to H x W pixels (Lanczos filter; default: the "
+                        "images' own size, when they all have one)")
+    parser.add_argument("--channels", type=int, choices=[1, 3], default=None,
+                        help="1 (gray) or 3 (RGB); default 1 when every image is gray, else 3")
+    parser.add_argument("--test-split", type=test_fraction, default=0.1, metavar="F",
+                        help="share of a folder's images that form the test set, chosen by a hash "
+                        "of each file's path (without train/ and test/ folders)")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at an unreadable image file instead of skipping it")
+    parser.add_argument("--max-memory", type=parse_bytes, default=None, metavar="BYTES",
+                        help="refuse data whose pixels need more memory, like 8G (default: half "
+                        "of the memory available)")
     parser.add_argument("--out", default=out, metavar="DIR",
                         help="output folder for grids, history.csv, checkpoints and weights")
     parser.add_argument("--logdir", default=None, metavar="DIR",
@@ -441,8 +948,11 @@ def run_main(prog, train, parser, argv=None):
 
 # Flags that may differ when a run is resumed: where things are, how long to go on, and what to
 # measure at the end. Any other flag would change the run being continued.
-RESUMABLE_FLAGS = {"epochs", "data_dir", "logdir", "eval_noise", "export_codes", "compare_pca",
-                   "iw_samples"}
+RESUMABLE_FLAGS = {"epochs", "dataset", "data_dir", "max_memory", "strict", "logdir", "eval_noise",
+                   "export_codes", "compare_pca", "iw_samples"}
+# Flags added after runs were first saved: a run saved without them ran as these say.
+LATER_FLAGS = {"dataset": "fashion-mnist", "image_size": None, "channels": None, "test_split": 0.1,
+               "strict": False, "max_memory": None}
 # Flags that say how to start, not what the run is: never saved with it.
 START_FLAGS = {"out", "resume", "overwrite"}
 # What a run writes into --out; --overwrite deletes these and nothing else.
@@ -451,7 +961,8 @@ RUN_FILES = ("run.json", "history.csv", "checkpoints/checkpoint", "checkpoints/c
              "pca_vs_ae.png", "interpolation.png")
 LOCK_FILE = ".lock"  # kept after the run: removing it could let two runs lock different files
 SAVED = {"flags": "run_flags/.ATTRIBUTES/VARIABLE_VALUE",
-         "history": "run_history/.ATTRIBUTES/VARIABLE_VALUE"}
+         "history": "run_history/.ATTRIBUTES/VARIABLE_VALUE",
+         "data": "run_data/.ATTRIBUTES/VARIABLE_VALUE"}  # absent from runs saved before --dataset
 
 
 def run_files(out_dir):
@@ -544,7 +1055,10 @@ def read_checkpoint(prefix):
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DamagedCheckpoint(f"unreadable: {reason}") from None
     try:
-        return {key: json.loads(reader.get_tensor(name)) for key, name in SAVED.items()}
+        saved = {key: json.loads(reader.get_tensor(name)) for key, name in SAVED.items()
+                 if key != "data" or reader.has_tensor(name)}
+        saved["flags"] = {**LATER_FLAGS, **saved["flags"]}
+        return saved
     except Exception:
         raise DamagedCheckpoint("it holds no flags and history (written by an older version of "
                                 "these scripts?)") from None
@@ -596,6 +1110,13 @@ def command_line(prog, *args):
     return shlex.join([python, script, *args])
 
 
+def data_text(description):
+    """Data as run.json describes them, in a few words."""
+    h, w, c = description["shape"]
+    return (f"{description['source']}, {description['train']:,} + {description['test']:,} images "
+            f"of {h}x{w}x{c}")
+
+
 def error_reason(e):
     """One plain phrase for why a write failed (an OSError or a TensorFlow OpError)."""
     if isinstance(e, OSError):
@@ -626,7 +1147,7 @@ class Run:
 
     Use it as a context manager (it owns the lock and the signal handlers):
 
-        with utils.Run(config, "ae.py", n_train=len(x_train)) as run:
+        with utils.Run(config, "ae.py", data) as run:
             first = run.restore(model=model, optimizer=optimizer, generator=generator)
             for epoch in run.epochs(first):
                 losses = run.call(train_epoch, x_train)
@@ -635,8 +1156,9 @@ class Run:
             run.save_weights(model, "ae.weights.h5")
     """
 
-    def __init__(self, config, prog, n_train):
+    def __init__(self, config, prog, data):
         self.config, self.prog, self.out = config, prog, config.out
+        n_train = len(data.x_train)
         if config.batch_size > n_train:
             raise UserError(f"--batch-size {config.batch_size} is more than the {n_train} "
                             f"training images; use at most {n_train}")
@@ -648,10 +1170,12 @@ class Run:
             check_folder(config.logdir, "--logdir")
         check_folder(self.out, "--out")
         self.flags = {k: v for k, v in sorted(vars(config).items()) if k not in START_FLAGS}
+        self.data = data.description()
         self.lock = lock_folder(self.out)
         try:
             self.old_run, self.resume_from, self.history = [], None, []
             self.resumed_epoch = 0  # the epoch of the checkpoint --resume continues from
+            self.resumed_data = None  # what the checkpoint --resume continues from says of its data
             self.checkpointed_flags = None  # the flags in the newest checkpoint, once there is one
             if config.resume:
                 self.resume_from, saved, skipped = resume_point(self.out)
@@ -665,9 +1189,20 @@ class Run:
                             f"--resume: --{name.replace('_', '-')} {ours} differs from the run in "
                             f"{self.out} ({theirs}); leave it out to continue that run, or start "
                             "a new one in another --out")
+                before = saved.get("data")
+                if before is None and (self.data["source"], self.data["shape"]) != (
+                        "Fashion-MNIST", [28, 28, 1]):  # a run saved before --dataset existed
+                    before = {"source": "Fashion-MNIST", "shape": [28, 28, 1], "train": 60000,
+                              "test": 10000, "sha256": "the data of runs before --dataset"}
+                if before and before["sha256"] != self.data["sha256"]:
+                    raise UserError(
+                        f"--resume: the data differ from those of the run in {self.out} "
+                        f"({data_text(before)} then, {data_text(self.data)} now); give the same "
+                        "data to continue it, or start a new run in another --out")
                 for name, reason in skipped:
                     print(f"{prog}: skipped checkpoint {name}: {reason}", file=sys.stderr, flush=True)
                 self.history = saved["history"]
+                self.resumed_data = saved.get("data")
                 self.checkpointed_flags = saved["flags"]
                 self.resumed_epoch = self.history[-1]["epoch"] if self.history else 0
             else:
@@ -758,12 +1293,16 @@ class Run:
         self.epoch = tf.Variable(0, dtype=tf.int64)
         self.saved_flags = tf.Variable("", dtype=tf.string)
         self.saved_history = tf.Variable("", dtype=tf.string)
-        self.checkpoint = tf.train.Checkpoint(epoch=self.epoch, run_flags=self.saved_flags,
-                                              run_history=self.saved_history, **objects)
+        self.saved_data = tf.Variable(json.dumps(self.data), dtype=tf.string)
+        tracked = dict(epoch=self.epoch, run_flags=self.saved_flags, run_history=self.saved_history,
+                       **objects)
+        self.checkpoint = tf.train.Checkpoint(run_data=self.saved_data, **tracked)
         self.manager = None
         if self.resume_from:
+            # a run saved before --dataset existed holds no run_data: its data are Fashion-MNIST
+            reading = self.checkpoint if self.resumed_data else tf.train.Checkpoint(**tracked)
             try:
-                self.checkpoint.restore(self.resume_from).assert_existing_objects_matched()
+                reading.restore(self.resume_from).assert_existing_objects_matched()
             except (tf.errors.OpError, AssertionError, ValueError) as e:
                 reason = str(e).strip().splitlines()[0]
                 raise UserError(f"--resume: {self.resume_from} does not fit this script's model "
@@ -800,7 +1339,8 @@ class Run:
         """On resume: run.json and history.csv as the checkpoint has them; say so where
         history.csv was missing or damaged (not merely longer, as after a crash)."""
         with self.writing_files():
-            write_json(os.path.join(self.out, "run.json"), self.flags)
+            self.saved_data.assign(json.dumps(self.data))  # an older run's checkpoint lacks it
+            write_json(os.path.join(self.out, "run.json"), self.run_json())
             path = os.path.join(self.out, "history.csv")
             if not self.history:
                 return
@@ -814,6 +1354,10 @@ class Run:
                 print(f"{self.prog}: history.csv was missing or damaged; rebuilt from the "
                       f"checkpoint (epochs 1-{self.history[-1]['epoch']})", file=sys.stderr, flush=True)
             write_history(path, self.history)
+
+    def run_json(self):
+        """run.json: the run's flags and what identifies its data."""
+        return {"flags": self.flags, "data": self.data}
 
     def epochs(self, first):
         """The epochs first .. --epochs; stops with exit code 128 + signal number when SIGINT or
@@ -879,7 +1423,7 @@ class Run:
             self.checkpointed_flags = self.flags
             self.history.append(row)
             if not self.wrote:
-                write_json(os.path.join(self.out, "run.json"), self.flags)
+                write_json(os.path.join(self.out, "run.json"), self.run_json())
                 self.wrote = True
             write_history(os.path.join(self.out, "history.csv"), self.history)
             for name, images in grids.items():
@@ -890,7 +1434,8 @@ class Run:
                         if name != "epoch":
                             tf.summary.scalar(name, value)
                     for name, images in grids.items():
-                        tf.summary.image(name, make_grid(images)[None, :, :, None])
+                        grid = make_grid(images)
+                        tf.summary.image(name, (grid[..., None] if grid.ndim == 2 else grid)[None])
                 self.writer.flush()  # so a stop at once loses no finished epoch's summaries
         self.report(row, figures)
 
@@ -990,16 +1535,19 @@ def first_two_directions(codes):
     return (codes - mean) @ components.T
 
 
-def save_scatter_plots(panels, labels, path, size=400):
-    """Scatter plots side by side, points coloured by class, with a legend of the class names.
+def save_scatter_plots(panels, labels, class_names, path, size=400):
+    """Scatter plots side by side; where there are labels, points coloured by class (the ten
+    colours repeat beyond ten classes) with a legend of the class names.
 
     Args:
         panels: [(title, points of shape (n, 2))].
-        labels: (n,) class of each point.
+        labels: (n,) class of each point, or None.
+        class_names: the name of each class number, or None.
     """
     from PIL import ImageDraw, ImageFont
     font = ImageFont.load_default()
-    top, margin, legend = 40, 10, 130
+    top, margin = 40, 10
+    legend = 130 if labels is not None else 0
     image = Image.new("RGB", (len(panels) * (size + margin) + margin + legend, size + top + margin),
                       "white")
     draw = ImageDraw.Draw(image)
@@ -1009,14 +1557,20 @@ def save_scatter_plots(panels, labels, path, size=400):
         draw.rectangle([x0, top, x0 + size, top + size], outline="black")
         lo, hi = np.percentile(points, [0.5, 99.5], axis=0)  # a few outliers don't squash the rest
         xy = np.clip((points - lo) / np.maximum(hi - lo, 1e-12), 0, 1) * (size - 8) + 4
-        for (px, py), label in zip(xy, labels):
+        for k, (px, py) in enumerate(xy):
             px, py = x0 + px, top + size - py  # y grows upwards, as on a plot
-            draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill=COLOURS[label])
-    x0 = margin + len(panels) * (size + margin)
-    for c, name in enumerate(CLASS_NAMES):
-        y = top + 10 + 18 * c
-        draw.rectangle([x0, y, x0 + 10, y + 10], fill=COLOURS[c])
-        draw.text((x0 + 16, y - 1), name, fill="black", font=font)
+            colour = COLOURS[labels[k] % len(COLOURS)] if labels is not None else COLOURS[0]
+            draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill=colour)
+    if labels is not None:
+        x0 = margin + len(panels) * (size + margin)
+        shown = (size - 20) // 18
+        for c, name in enumerate(class_names[:shown]):
+            y = top + 10 + 18 * c
+            draw.rectangle([x0, y, x0 + 10, y + 10], fill=COLOURS[c % len(COLOURS)])
+            draw.text((x0 + 16, y - 1), name[:18], fill="black", font=font)
+        if len(class_names) > shown:
+            draw.text((x0 + 16, top + 10 + 18 * shown), f"... {len(class_names)} in all",
+                      fill="black", font=font)
     write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 

@@ -1,8 +1,11 @@
-"""Train a variational autoencoder on Fashion-MNIST; save reconstruction and sample grids.
+"""Train a variational autoencoder on Fashion-MNIST or your own images; save reconstruction and
+sample grids.
 
 Usage: python vae.py [--epochs 1000] [--z-dim 10] [--out images/vae] [--beta 1] [--iw-samples 1000]
+       [--dataset fashion-mnist|mnist|FOLDER|FILE.npz] [--image-size HxW] [--channels 1|3]
 
-Each epoch prints the train and test negative ELBO in nats per image (reconstruction + KL), writes
+Each epoch prints the train and test negative ELBO in nats per image (reconstruction + KL) and
+the test figure in bits per dimension (comparable across image sizes), writes
 rec_epoch_NNN.png (test originals and reconstructions side by side) and sample_epoch_NNN.png
 (100 images decoded from one fixed set of z ~ N(0, I)), with --z-dim 2 also manifold_epoch_NNN.png
 (the decoded latent plane), and appends to history.csv. At the end it writes interpolation.png
@@ -21,15 +24,16 @@ from keras import layers
 
 
 class VAE(keras.Model):
-    """Encoder 784 -> 128 -> (mu, log_var) of size z_dim; decoder z_dim -> 128 -> 784 logits."""
+    """Encoder pixels -> 128 -> (mu, log_var) of size z_dim; decoder z_dim -> 128 -> pixels
+    logits; pixels is height x width x channels (784 for Fashion-MNIST)."""
 
-    def __init__(self, z_dim=10):
+    def __init__(self, z_dim=10, pixels=784):
         super().__init__()
         self.fc1 = layers.Dense(128, activation="relu")
         self.fc2 = layers.Dense(z_dim)  # mu
         self.fc3 = layers.Dense(z_dim)  # log_var
         self.fc4 = layers.Dense(128, activation="relu")
-        self.fc5 = layers.Dense(784)
+        self.fc5 = layers.Dense(pixels)
 
     def encode(self, x):
         h = self.fc1(x)
@@ -41,7 +45,7 @@ class VAE(keras.Model):
         return mu + tf.exp(0.5 * log_var) * eps
 
     def decode(self, z):
-        """Logits of the 784 pixels."""
+        """Logits of the pixels."""
         return self.fc5(self.fc4(z))
 
     def call(self, x, eps):
@@ -115,10 +119,16 @@ def latent_grid(n=10):
     return tf.stack([tf.reshape(z1, [-1]), tf.reshape(z2, [-1])], axis=1)
 
 
-def test_nll_iw(model, x_test, samples, seed, decodes_per_call=20000):
+def bits_per_dim(nats, pixels):
+    """A negative log-likelihood in nats per image as bits per pixel value, as papers report it:
+    comparable across image sizes and channels."""
+    return nats / (pixels * math.log(2))
+
+
+def test_nll_iw(model, x_test, samples, seed, decoded_pixels=20000 * 784):
     """Mean importance-weighted negative log-likelihood of the test set, in chunks of images so
-    that each call decodes about decodes_per_call samples; noise from a stateless seed."""
-    chunk = max(1, decodes_per_call // samples)
+    that each call decodes about decoded_pixels pixels; noise from a stateless seed."""
+    chunk = max(1, decoded_pixels // x_test.shape[1] // samples)
     estimate = tf.function(iw_nll, jit_compile=True)
     total = 0.0
     starts = range(0, len(x_test), chunk)
@@ -129,26 +139,28 @@ def test_nll_iw(model, x_test, samples, seed, decodes_per_call=20000):
     return total / len(x_test)
 
 
-def save_interpolations(model, x_test, path):
+def save_interpolations(model, x_test, shape, path):
     """For 10 pairs of test images (2k, 2k + 1), 10 decodings along the line between their means."""
     mu, _ = model.encode(x_test[:20])
     a, b = mu[0::2, None, :], mu[1::2, None, :]
     t = tf.linspace(0.0, 1.0, 10)[None, :, None]
     z = tf.reshape((1 - t) * a + t * b, [100, -1])
-    utils.save_images(utils.to_uint8(tf.sigmoid(model.decode(z))), path)
+    utils.save_images(utils.to_uint8(tf.sigmoid(model.decode(z)), shape), path)
 
 
 def train(config):
     """Train a VAE as config says, writing into config.out; return the history rows."""
     started = time.perf_counter()
-    (x_train, _), (x_test, _) = utils.load_fashion_mnist(config.data_dir)
-    with utils.Run(config, "vae.py", n_train=len(x_train)) as run:
-        x_train = tf.constant(x_train.reshape(-1, 784))  # uint8, scaled per batch in the step
-        x_test = tf.constant(x_test.reshape(-1, 784), tf.float32) / 255.0
+    data = utils.load_data(config)
+    with utils.Run(config, "vae.py", data) as run:
+        data.report("vae.py")
+        # uint8, scaled per batch in the step
+        x_train = tf.constant(data.x_train.reshape(len(data.x_train), -1))
+        x_test = tf.constant(data.x_test.reshape(len(data.x_test), -1), tf.float32) / 255.0
         x_probe = x_test[:50]  # the same test images in every epoch's grid
 
         keras.utils.set_random_seed(config.seed)
-        model = VAE(config.z_dim)
+        model = VAE(config.z_dim, data.pixels)
         generator = tf.random.Generator.from_seed(config.seed)  # shuffling and eps
         # Fixed probes, drawn once and kept in the checkpoints: z for the sample grid, eps for a
         # test ELBO that changes only when the model does.
@@ -181,27 +193,34 @@ def train(config):
             for split, losses in (("train", train_losses), ("test", test_losses)):
                 row.update({f"{split}_{k}": float(losses[k]) for k in ("rec", "kl", "loss")})
             row["beta"] = config.beta
-            grids = {"rec": utils.pair_grid(x_probe, x_hat)}
-            grids.update({name: utils.to_uint8(images) for name, images in decoded.items()})
+            row["test_bits_per_dim"] = bits_per_dim(row["test_loss"], data.pixels)
+            grids = {"rec": utils.pair_grid(x_probe, x_hat, data.shape)}
+            grids.update({name: utils.to_uint8(images, data.shape) for name, images in decoded.items()})
             run.end_epoch(row, grids, f"train loss {row['train_loss']:.2f}  test loss "
                           f"{row['test_loss']:.2f} = rec {row['test_rec']:.2f} + kl "
-                          f"{row['test_kl']:.2f} (nats/image)")
+                          f"{row['test_kl']:.2f} (nats/image; {row['test_bits_per_dim']:.4f} "
+                          "bits/dim)")
         run.save_weights(model, "vae.weights.h5")
 
-        save_interpolations(model, x_test, f"{config.out}/interpolation.png")
+        save_interpolations(model, x_test, data.shape, f"{config.out}/interpolation.png")
         final = run.history[-1] if run.history else None
         summary = {
             "flags": vars(config),
+            "data": data.description(),
             "final": final,
             "train_seconds": round(sum(float(r["seconds"]) for r in run.history), 1),
             "test_neg_elbo": float(final["test_loss"]) if final else None,
             "iw_samples": config.iw_samples,
             "test_nll_iw": test_nll_iw(model, x_test, config.iw_samples, config.seed),
         }
+        for name in ("test_neg_elbo", "test_nll_iw"):
+            if summary[name] is not None:
+                summary[name + "_bits_per_dim"] = bits_per_dim(summary[name], data.pixels)
         summary["total_seconds"] = round(time.perf_counter() - started, 1)
         utils.write_json(f"{config.out}/summary.json", summary)
         print(f"test negative log-likelihood, importance-weighted with {config.iw_samples} "
-              f"samples: {summary['test_nll_iw']:.2f} nats/image (negative ELBO "
+              f"samples: {summary['test_nll_iw']:.2f} nats/image, "
+              f"{summary['test_nll_iw_bits_per_dim']:.4f} bits/dim (negative ELBO "
               f"{summary['test_neg_elbo']:.2f})", flush=True)
         return run.history
 

@@ -1,6 +1,7 @@
 """Benchmark: ae.py and vae.py against the machine's matmul limit and against PyTorch and JAX.
 
 Usage: python tests/benchmark.py [--epochs 12] [--loop-epochs 4] [--repeats 2] [--data-dir DIR]
+       python tests/benchmark.py --folder [--epochs 12] [--repeats 2] [--data-dir DIR]
 
 Measures, in one run on this machine (not collected by pytest):
   1. float32 matmul rates: a 4096^3 tf.matmul, and the models' own products (each Dense layer's
@@ -21,6 +22,12 @@ Measures, in one run on this machine (not collected by pytest):
 Every contender gets --repeats runs, interleaved; a run's figure is its median epoch after the
 first (compilation, warm-up), and the best run counts, as noise on a shared machine only ever
 adds time.
+
+With --folder, it measures your-own-images data instead: Fashion-MNIST written out as 70,000 PNG
+files in class folders (train/ and test/), loaded by --dataset FOLDER (time and images per
+second; the target is at most 15 s on a 2-core machine), checked to hold the same pixels and
+labels as the IDX files, and `python ae.py` trained on the folder against the IDX files (the
+seconds per epoch, and the peak memory, which may exceed the IDX run's by the decoded data).
 """
 
 import argparse
@@ -91,10 +98,10 @@ def training_flops(widths, n=60000):
     return 2 * (3 * sum(macs) - macs[0]) * n
 
 
-def run_script(script, epochs, data_dir, out):
+def run_script(script, epochs, data_dir, out, *args):
     """Run `python script` as a user would: (median training s, median wall s between epoch
     lines, peak RSS bytes)."""
-    cmd = [sys.executable, os.path.join(ROOT, script), "--epochs", str(epochs), "--out", out]
+    cmd = [sys.executable, os.path.join(ROOT, script), "--epochs", str(epochs), "--out", out, *args]
     if data_dir:
         cmd += ["--data-dir", data_dir]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -284,7 +291,11 @@ def main():
                         help="epochs of each other contender's run (>= 2; the first is warm-up)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of every contender; the best counts")
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: as the scripts)")
+    parser.add_argument("--folder", action="store_true",
+                        help="measure loading a folder of PNG files and training on it instead")
     args = parser.parse_args()
+    if args.folder:
+        return folder_benchmark(args)
 
     gpus = tf.config.list_physical_devices("GPU")
     device = (f"GPU: {tf.config.experimental.get_device_details(gpus[0]).get('device_name', gpus[0].name)}"
@@ -338,6 +349,62 @@ def main():
     print(f"\nseconds per training epoch; {device}; script runs of {args.epochs} epochs (median of "
           f"epochs 3-{args.epochs}), other runs of {args.loop_epochs} (median of epochs "
           f"2-{args.loop_epochs}); best of {args.repeats} runs each")
+
+
+def export_pngs(root, data):
+    """Write Fashion-MNIST as root/{train,test}/K-NAME/NNNNN.png, K the label; (files, seconds)."""
+    start = time.perf_counter()
+    from PIL import Image
+    for split, (x, y) in zip(("train", "test"), data):
+        for label, name in enumerate(utils.CLASS_NAMES):
+            os.makedirs(os.path.join(root, split, f"{label}-{name.replace('/', '-')}"))
+        for k, (image, label) in enumerate(zip(x, y)):
+            name = utils.CLASS_NAMES[label].replace("/", "-")
+            Image.fromarray(image).save(os.path.join(root, split, f"{label}-{name}", f"{k:05d}.png"))
+    return sum(len(x) for x, _ in data), time.perf_counter() - start
+
+
+def as_set(x, y):
+    return sorted(zip(y.tolist(), (image.tobytes() for image in x.reshape(len(x), -1))))
+
+
+def folder_benchmark(args):
+    device = f"CPU: {cpu_model()}, {os.cpu_count()} cores"
+    print(f"{device}; TensorFlow {tf.__version__}", flush=True)
+    idx = utils.load_fashion_mnist(args.data_dir)
+    with tempfile.TemporaryDirectory() as root:
+        n, seconds = export_pngs(root, idx)
+        print(f"wrote {n:,} PNG files in {seconds:.1f} s", flush=True)
+        config = argparse.Namespace(dataset=root, data_dir=None, image_size=None, channels=None,
+                                    test_split=0.1, strict=False, max_memory=None)
+        loads = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            data = utils.load_data(config)
+            loads.append(time.perf_counter() - start)
+        same = (as_set(data.x_train, data.y_train) == as_set(*idx[0])
+                and as_set(data.x_test, data.y_test) == as_set(*idx[1]))
+        decoded = data.x_train.nbytes + data.x_test.nbytes
+        del data
+        load = statistics.median(loads)
+        print(f"--dataset FOLDER: {n:,} images in {load:.2f} s (median of {args.repeats}: "
+              f"{', '.join(f'{s:.2f}' for s in loads)}), {n / load:,.0f} images/s "
+              f"({'within' if load <= 15 else 'over'} the 15 s target); pixels and labels the same "
+              f"as the IDX files' (as sets): {same}", flush=True)
+        runs = {"IDX files": [], "PNG folder": []}
+        for _ in range(args.repeats):
+            for name, extra in (("IDX files", []), ("PNG folder", ["--dataset", root])):
+                with tempfile.TemporaryDirectory() as out:
+                    runs[name].append(run_script("ae.py", args.epochs, None if extra else args.data_dir,
+                                                 out, *extra))
+        print("\n| ae.py data | s/epoch (best of runs) | peak RSS (largest) |\n|---|---|---|")
+        for name, figures in runs.items():
+            print(f"| {name} | {min(f[0] for f in figures):.3f} | "
+                  f"{max(f[2] for f in figures) / 2**30:.2f} GiB |")
+        extra = max(f[2] for f in runs["PNG folder"]) - max(f[2] for f in runs["IDX files"])
+        print(f"\npeak memory of the folder run minus the IDX run: {extra / 2**20:+.0f} MiB; the decoded "
+              f"data: {decoded / 2**20:.0f} MiB; {device}; {args.epochs} epochs per run, "
+              f"{args.repeats} runs each")
 
 
 def cpu_model():

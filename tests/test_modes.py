@@ -75,7 +75,7 @@ def test_the_denoiser_cleans_noisy_inputs_better_than_a_plain_autoencoder(traine
 def test_triplet_grid_puts_noisy_output_clean_side_by_side():
     noisy, outputs, clean = (np.full((30, 784), v / 255.0) + np.arange(30)[:, None] / 255.0
                              for v in (0, 100, 200))
-    grid = utils.triplet_grid(noisy, outputs, clean)
+    grid = utils.triplet_grid(noisy, outputs, clean, (28, 28, 1))
     for k in range(100):
         r, c = divmod(k, 10)
         i, which = 3 * r + c // 3, c % 3

@@ -98,7 +98,7 @@ def test_a_failed_start_leaves_no_run_behind(tiny_data, tmp_path, monkeypatch, c
     assert code == 3 and "no epoch finished" in err[-1]
     # no epoch finished, so the folder holds no run: the corrected command is not refused
     config = ae.make_parser().parse_args(["--data-dir", data_dir, "--out", out, *TINY])
-    with utils.Run(config, "ae.py", n_train=600):
+    with utils.Run(config, "ae.py", utils.load_data(config)):
         pass
 
 
@@ -165,7 +165,7 @@ def test_resume_may_change_what_the_readme_allows(finished_run, capsys):
     code, err, _ = main(capsys, ae, "--out", out, "--resume", "--epochs", 3, "--compare-pca")
     assert code == 0, err
     assert epochs_in(out) == [1, 2, 3] and os.path.exists(os.path.join(out, "pca_vs_ae.json"))
-    assert json.load(open(os.path.join(out, "run.json")))["epochs"] == 3
+    assert json.load(open(os.path.join(out, "run.json")))["flags"]["epochs"] == 3
 
 
 # --- 5, 6: damaged checkpoints and files --------------------------------------------------------
@@ -304,6 +304,7 @@ def test_ctrl_c_answers_at_once_and_twice_stops_at_once(tiny_data, tmp_path):
     child = subprocess.Popen([sys.executable, "-c", SLOW_SECOND_EPOCH.format(root=ROOT),
                               "--data-dir", data_dir, "--out", out, "--epochs", "3", *TINY],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().startswith("data: Fashion-MNIST: 600 training")
     assert child.stdout.readline().startswith("epoch 1/3")  # the second, a minute long, begins
     child.send_signal(signal.SIGINT)
     assert "stopping after this epoch" in child.stderr.readline()  # at once

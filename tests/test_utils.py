@@ -55,7 +55,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
 def test_pair_grid_puts_originals_in_even_columns():
     originals = np.tile(np.arange(50)[:, None] / 255.0, (1, 784))
     reconstructions = 1.0 - originals
-    grid = utils.pair_grid(originals, reconstructions)
+    grid = utils.pair_grid(originals, reconstructions, (28, 28, 1))
     assert grid.shape == (100, 28, 28)
     for k in range(100):
         r, c = divmod(k, 10)

@@ -67,7 +67,7 @@ def test_two_epochs_end_to_end(tiny_data, tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert list(rows[0]) == ["epoch", "seconds", "train_rec", "train_kl", "train_loss",
-                             "test_rec", "test_kl", "test_loss", "beta"]
+                             "test_rec", "test_kl", "test_loss", "beta", "test_bits_per_dim"]
     assert float(rows[1]["test_loss"]) < float(rows[0]["test_loss"])
     assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
     for name in ("rec", "sample"):
