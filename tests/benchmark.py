@@ -1,7 +1,7 @@
 """Benchmark: ae.py and vae.py against the machine's matmul limit and against PyTorch and JAX.
 
 Usage: python tests/benchmark.py [--epochs 12] [--loop-epochs 4] [--repeats 2] [--data-dir DIR]
-       python tests/benchmark.py --folder [--epochs 12] [--repeats 2] [--data-dir DIR]
+       python tests/benchmark.py --folder [--epochs 12] [--repeats 2] [--data-dir DIR] [--export DIR]
 
 Measures, in one run on this machine (not collected by pytest):
   1. float32 matmul rates: a 4096^3 tf.matmul, and the models' own products (each Dense layer's
@@ -31,6 +31,7 @@ seconds per epoch, and the peak memory, which may exceed the IDX run's by the de
 """
 
 import argparse
+import contextlib
 import csv
 import os
 import statistics
@@ -293,6 +294,9 @@ def main():
     parser.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: as the scripts)")
     parser.add_argument("--folder", action="store_true",
                         help="measure loading a folder of PNG files and training on it instead")
+    parser.add_argument("--export", default=None, metavar="DIR",
+                        help="with --folder: write the PNG files into DIR (a new folder) and keep "
+                        "them (default: a temporary folder)")
     args = parser.parse_args()
     if args.folder:
         return folder_benchmark(args)
@@ -372,7 +376,9 @@ def folder_benchmark(args):
     device = f"CPU: {cpu_model()}, {os.cpu_count()} cores"
     print(f"{device}; TensorFlow {tf.__version__}", flush=True)
     idx = utils.load_fashion_mnist(args.data_dir)
-    with tempfile.TemporaryDirectory() as root:
+    if args.export and os.path.exists(args.export):
+        sys.exit(f"benchmark: --export {args.export} exists already; name a new folder")
+    with (contextlib.nullcontext(args.export) if args.export else tempfile.TemporaryDirectory()) as root:
         n, seconds = export_pngs(root, idx)
         print(f"wrote {n:,} PNG files in {seconds:.1f} s", flush=True)
         config = argparse.Namespace(dataset=root, data_dir=None, image_size=None, channels=None,

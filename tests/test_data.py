@@ -5,6 +5,7 @@ import argparse
 import csv
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -104,17 +105,17 @@ def test_transparent_palette_and_sixteen_bit_images_are_converted_as_stated(tmp_
     palette.putpalette([0, 0, 255] * 256)
     os.makedirs(tmp_path / "test", exist_ok=True)
     palette.save(tmp_path / "test" / "palette.gif")  # a palette image, all blue
-    save(str(tmp_path / "test" / "wide.png"), np.full((6, 5), 65535, np.uint16))
+    save(str(tmp_path / "test" / "wide.png"), np.full((6, 5), 32896, np.uint16))  # 128 of 255
     for k in range(50):
         save(str(tmp_path / "test" / f"gray{k}.bmp"), gray(10))
     data = utils.load_data(config(tmp_path))
     assert data.shape == (6, 5, 3)  # colour images among them: three channels
     pixels = {tuple(int(v) for v in x[0, 0]) for x in data.x_test}
-    assert pixels == {(128, 0, 0), (0, 0, 255), (255, 255, 255), (10, 10, 10)}
+    assert pixels == {(128, 0, 0), (0, 0, 255), (128, 128, 128), (10, 10, 10)}
     one = utils.load_data(config(tmp_path, channels=1))
     values = {int(x[0, 0, 0]) for x in one.x_test}
     # Pillow's luma: L = R * 299/1000 + G * 587/1000 + B * 114/1000
-    assert values == {round(128 * 0.299), round(255 * 0.114), 255, 10}
+    assert values == {round(128 * 0.299), round(255 * 0.114), 128, 10}
 
 
 def test_gray_images_give_one_channel_and_channels_3_repeats_it(tmp_path):
@@ -162,6 +163,8 @@ def test_unreadable_and_other_files_are_skipped_counted_and_named(tmp_path):
     (tmp_path / "train" / "dog" / "cut.png").write_bytes(whole[:60])
     (tmp_path / "train" / "notes.txt").write_text("hello")
     (tmp_path / "train" / ".hidden.png").write_bytes(b"ignored")
+    (tmp_path / "train" / ".git").mkdir()
+    (tmp_path / "train" / ".git" / "object.png").write_bytes(b"ignored too")
     data = utils.load_data(config(tmp_path))
     assert len(data.x_train) == 60
     assert len(data.notes) == 1
@@ -238,8 +241,15 @@ def test_a_fashion_mnist_export_loads_back_as_the_idx_files_give_it(tmp_path):
     assert png.shape == idx.shape == (28, 28, 1)
 
 
+def slow_at_first(k):
+    """k, after a pause for the first items, so that the first chunk ends last."""
+    if k < 100:
+        time.sleep(0.003)
+    return k
+
+
 def test_parallel_map_keeps_the_order_across_processes():
-    assert list(utils.parallel_map(abs, range(-2500, 0))) == list(range(2500, 0, -1))
+    assert list(utils.parallel_map(slow_at_first, range(3500))) == list(range(3500))
 
 
 # --- .npz files and MNIST --------------------------------------------------------------------------
@@ -412,3 +422,14 @@ def test_vae_on_an_unlabelled_npz_reports_bits_per_dimension(tmp_path, capsys):
     summary = json.load(open(out / "summary.json"))
     assert summary["test_nll_iw_bits_per_dim"] == pytest.approx(summary["test_nll_iw"] / (20 * np.log(2)))
     assert Image.open(out / "sample_epoch_001.png").size == (40, 50)
+
+
+def test_a_gray_palette_counts_as_gray_and_a_coloured_one_as_colour(tmp_path):
+    write_split_folder(tmp_path)
+    image = Image.new("P", (5, 6))
+    image.putpalette([v for k in range(256) for v in (k, k, k)])  # gray levels only
+    image.save(tmp_path / "train" / "cat" / "palette.png")
+    assert utils.load_data(config(tmp_path)).shape == (6, 5, 1)
+    image.putpalette([v for k in range(256) for v in (k, 0, 0)])
+    image.save(tmp_path / "train" / "cat" / "palette.png")
+    assert utils.load_data(config(tmp_path)).shape == (6, 5, 3)
