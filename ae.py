@@ -143,6 +143,14 @@ def make_train_step(config, model, optimizers, generator, discriminator=None):
     return train_step
 
 
+def input_bce(x_in, x, chunk=1000):
+    """The BCE of the inputs x_in themselves as reconstructions of x (what doing nothing scores),
+    as Keras takes BCE on probabilities, averaged over all pixels; computed in chunks of images."""
+    return float(np.mean(np.concatenate([keras.losses.binary_crossentropy(x[i:i + chunk],
+                                                                          x_in[i:i + chunk])
+                                         for i in range(0, x.shape[0], chunk)])))
+
+
 def encode(model, x, chunk=10000):
     """Codes of images x (n, pixels) in [0, 1], computed in chunks; a NumPy array (n, h_dim)."""
     return np.concatenate([model.encoder(x[i:i + chunk]).numpy() for i in range(0, len(x), chunk)])
@@ -250,9 +258,7 @@ def train(config):
         x_noisy = corrupt(x_test, config.eval_noise,
                           tf.random.stateless_normal(x_test.shape, seed=EVAL_NOISE_SEED))
         test_bce_from_noisy = evaluate(x_noisy, x_test)[0]["bce"]  # compiled already
-        identity_bce_noisy = np.mean([keras.losses.binary_crossentropy(x_test[i:i + 1000],
-                                                                       x_noisy[i:i + 1000])
-                                      for i in range(0, x_test.shape[0], 1000)])
+        identity_bce_noisy = input_bce(x_noisy, x_test)
         summary = {
             "flags": vars(config),
             "data": data.description(),

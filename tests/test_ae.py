@@ -86,3 +86,11 @@ def test_cli_rejects_impossible_flags_in_one_line(tmp_path, capsys, flags):
         ae.main([*flags, "--out", str(tmp_path)])
     err = capsys.readouterr().err.splitlines()
     assert info.value.code == 2 and len(err) == 1 and flags[0] in err[0]
+
+
+def test_input_bce_is_the_mean_over_every_pixel_whatever_the_test_set_size():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.01, 0.99, (1500, 12)).astype(np.float32)  # not a multiple of the chunk
+    x_in = rng.uniform(0.01, 0.99, (1500, 12)).astype(np.float32)
+    expected = -np.mean(x * np.log(x_in) + (1 - x) * np.log(1 - x_in))
+    assert ae.input_bce(x_in, x) == pytest.approx(expected, rel=1e-5)
