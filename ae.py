@@ -253,6 +253,7 @@ def train(config):
                 figures += f"  disc {row['train_disc']:.3f}  gen {row['train_gen']:.3f}"
             run.end_epoch(row, grids, figures)
         run.save_weights(model, "ae.weights.h5")
+        run.save_progress("sample" if config.adversarial else "rec")
 
         # What every run reports: denoising from fixed noise, and how Gaussian the codes are
         x_noisy = corrupt(x_test, config.eval_noise,
@@ -278,13 +279,20 @@ def train(config):
                                    lambda tmp: np.savez(tmp, **codes))
         if config.compare_pca:
             summary["pca_vs_ae"] = compare_with_pca(config, model, data)
-        summary["total_seconds"] = round(time.perf_counter() - started, 1)
-        utils.write_json(os.path.join(config.out, "summary.json"), summary)
         print(f"test bce from noisy inputs (sigma {config.eval_noise}): "
               f"{summary['test_bce_from_noisy']:.4f} (the noisy input itself: "
               f"{summary['identity_bce_noisy']:.4f});  codes: mean |mean| "
-              f"{summary['code_mean_abs']:.3f}, mean |std - 1| {summary['code_std_dev_from_1']:.3f}",
-              flush=True)
+              f"{summary['code_mean_abs']:.3f}, mean |std - 1| {summary['code_std_dev_from_1']:.3f}, "
+              f"Kolmogorov-Smirnov distance to N(0, 1) {summary['code_ks']:.3f}, "
+              f"mean |correlation| {summary['code_abs_correlation']:.3f}", flush=True)
+
+        def decode_prior(n):  # what the adversarial autoencoder generates; for a plain one, a contrast
+            z = tf.random.stateless_normal([n, config.h_dim], seed=[config.seed, 3])
+            return np.concatenate([tf.sigmoid(model.decoder(z[i:i + 10000])).numpy()
+                                   for i in range(0, n, 10000)])
+        summary["sample_fd"] = utils.sample_quality(data, "ae.py", decode_prior, config.fd_samples)
+        summary["total_seconds"] = round(time.perf_counter() - started, 1)
+        utils.write_json(os.path.join(config.out, "summary.json"), summary)
         return run.history
 
 

@@ -79,6 +79,7 @@ def loading_tensorflow():
 with loading_tensorflow():
     import numpy as np
     import keras
+    from keras import layers
     import tensorflow as tf
     tf.config.list_physical_devices()  # starts the platforms, which log, now
 from PIL import Image, ImageOps  # noqa: E402
@@ -835,6 +836,14 @@ def non_negative(text):
     return value
 
 
+def non_negative_int(text):
+    """An argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def positive(type_):
     """An argparse type: type_(text), accepted only when finite and > 0."""
     def parse(text):
@@ -894,6 +903,11 @@ def make_parser(description, epochs, out):
                         "of the memory available)")
     parser.add_argument("--out", default=out, metavar="DIR",
                         help="output folder for grids, history.csv, checkpoints and weights")
+    parser.add_argument("--fd-samples", type=non_negative_int, default=10000, metavar="N",
+                        help="images generated for summary.json's sample_fd, their Frechet distance "
+                        "to the test set (0: leave it out)")
+    parser.add_argument("--grid-every", type=positive(int), default=1, metavar="N",
+                        help="write the epoch's grids every N epochs (and after the last)")
     parser.add_argument("--logdir", default=None, metavar="DIR",
                         help="also write TensorBoard summaries (losses, grids) to DIR")
     start = parser.add_mutually_exclusive_group()
@@ -949,16 +963,16 @@ def run_main(prog, train, parser, argv=None):
 # Flags that may differ when a run is resumed: where things are, how long to go on, and what to
 # measure at the end. Any other flag would change the run being continued.
 RESUMABLE_FLAGS = {"epochs", "dataset", "data_dir", "max_memory", "strict", "logdir", "eval_noise",
-                   "export_codes", "compare_pca", "iw_samples"}
+                   "export_codes", "compare_pca", "iw_samples", "fd_samples", "grid_every"}
 # Flags added after runs were first saved: a run saved without them ran as these say.
 LATER_FLAGS = {"dataset": "fashion-mnist", "image_size": None, "channels": None, "test_split": 0.1,
-               "strict": False, "max_memory": None}
+               "strict": False, "max_memory": None, "fd_samples": 10000, "grid_every": 1}
 # Flags that say how to start, not what the run is: never saved with it.
 START_FLAGS = {"out", "resume", "overwrite"}
 # What a run writes into --out; --overwrite deletes these and nothing else.
 RUN_FILES = ("run.json", "history.csv", "checkpoints/checkpoint", "checkpoints/ckpt-[0-9]*",
-             "*_epoch_[0-9]*.png", "*.weights.h5", "summary.json", "codes.npz", "pca_vs_ae.json",
-             "pca_vs_ae.png", "interpolation.png")
+             "*_epoch_[0-9]*.png", "progress.gif", "*.weights.h5", "summary.json", "codes.npz",
+             "pca_vs_ae.json", "pca_vs_ae.png", "interpolation.png")
 LOCK_FILE = ".lock"  # kept after the run: removing it could let two runs lock different files
 SAVED = {"flags": "run_flags/.ATTRIBUTES/VARIABLE_VALUE",
          "history": "run_history/.ATTRIBUTES/VARIABLE_VALUE",
@@ -1426,6 +1440,7 @@ class Run:
                 write_json(os.path.join(self.out, "run.json"), self.run_json())
                 self.wrote = True
             write_history(os.path.join(self.out, "history.csv"), self.history)
+            grids = grids if epoch % self.config.grid_every == 0 or epoch == self.config.epochs else {}
             for name, images in grids.items():
                 save_images(images, os.path.join(self.out, f"{name}_epoch_{epoch:03d}.png"))
             if self.writer:
@@ -1456,6 +1471,52 @@ class Run:
         """The final weights, loadable with model.load_weights(path) into a built model."""
         with self.writing_files():
             write_atomically(os.path.join(self.out, name), model.save_weights)
+
+    def save_progress(self, grid):
+        """progress.gif: the grids named grid (NAME_epoch_NNN.png) over the run, as the folder
+        holds them, at most PROGRESS_FRAMES spread evenly from the first to the last, each with
+        its epoch written above it."""
+        found = []
+        for path in glob.glob(os.path.join(glob.escape(self.out), f"{grid}_epoch_*.png")):
+            number = os.path.basename(path)[len(grid) + len("_epoch_"):-len(".png")]
+            if number.isdigit():
+                found.append((int(number), path))
+        chosen = spread(sorted(found), PROGRESS_FRAMES)
+        with self.writing_files():
+            save_progress_gif([path for _, path in chosen], [epoch for epoch, _ in chosen],
+                              os.path.join(self.out, "progress.gif"))
+
+
+PROGRESS_FRAMES = 100
+
+
+def spread(items, n):
+    """At most n of items, evenly spread, the first and the last among them."""
+    if len(items) <= n:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
+
+
+def save_progress_gif(paths, epochs, path, band=14):
+    """An animated GIF of the images at paths, each with a band above it saying its epoch; the
+    last frame stays longer. To keep 100 frames within a few MB, gray frames keep 32 levels (each
+    value to the middle of its step of 8) and colour frames an adaptive palette of 64 colours."""
+    from PIL import ImageDraw, ImageFont
+    font = ImageFont.load_default()
+    frames = []
+    for image_path, epoch in zip(paths, epochs):
+        with Image.open(image_path) as image:
+            image.load()
+        frame = Image.new(image.mode, (image.width, image.height + band), 0)
+        frame.paste(image, (0, band))
+        ImageDraw.Draw(frame).text((3, 1), f"epoch {epoch}", fill="white" if frame.mode == "RGB" else 255,
+                                   font=font)
+        frames.append(frame.quantize(64) if frame.mode == "RGB" else frame.point(lambda v: v // 8 * 8 + 4))
+    if not frames:
+        return
+    durations = [100] * (len(frames) - 1) + [1500]
+    write_atomically(path, lambda tmp: frames[0].save(
+        tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0))
 
 
 def progress(items, total, what, every=10.0):
@@ -1519,11 +1580,23 @@ def knn_accuracy(train_codes, train_labels, test_codes, test_labels, k=5, chunk=
 
 
 def code_statistics(codes):
-    """How far codes are from N(0, I), averaged over the code dimensions:
-    {"code_mean_abs": mean |mean_d|, "code_std_dev_from_1": mean |std_d - 1|}."""
+    """How far codes (n, d) are from N(0, I): averaged over the code dimensions, the mean's
+    distance from 0 ("code_mean_abs"), the standard deviation's from 1 ("code_std_dev_from_1")
+    and the Kolmogorov-Smirnov distance of each dimension's values to N(0, 1) ("code_ks"); and
+    the mean |correlation| between two different dimensions ("code_abs_correlation"), which
+    N(0, I) has none of."""
     codes = np.asarray(codes, np.float64)
+    n, d = codes.shape
+    normal_cdf = np.frompyfunc(lambda v: 0.5 * (1.0 + math.erf(v / math.sqrt(2.0))), 1, 1)
+    cdf = normal_cdf(np.sort(codes, axis=0)).astype(np.float64)  # (n, d), each column sorted
+    steps = np.arange(n + 1)[:, None] / n
+    ks = np.maximum(steps[1:] - cdf, cdf - steps[:-1]).max(0)  # the largest gap of the two CDFs
+    correlation = np.corrcoef(codes, rowvar=False) if d > 1 else np.ones((1, 1))
+    off_diagonal = np.abs(correlation[~np.eye(d, dtype=bool)])
     return {"code_mean_abs": float(np.abs(codes.mean(0)).mean()),
-            "code_std_dev_from_1": float(np.abs(codes.std(0) - 1).mean())}
+            "code_std_dev_from_1": float(np.abs(codes.std(0) - 1).mean()),
+            "code_ks": float(ks.mean()),
+            "code_abs_correlation": float(np.nan_to_num(off_diagonal).mean()) if d > 1 else 0.0}
 
 
 def first_two_directions(codes):
@@ -1572,6 +1645,135 @@ def save_scatter_plots(panels, labels, class_names, path, size=400):
             draw.text((x0 + 16, top + 10 + 18 * shown), f"... {len(class_names)} in all",
                       fill="black", font=font)
     write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample quality: the Fréchet distance in the features of a classifier trained on the data
+# ---------------------------------------------------------------------------------------------
+
+CLASSIFIER = "conv32-conv64-dense128-v1"  # in the cache key: another network is trained anew
+CLASSIFIER_EPOCHS = 4
+
+
+def make_classifier(shape, n_classes):
+    """Two 3x3 convolutions (32 and 64 filters, each followed by 2x2 max pooling), a dense layer
+    of 128 (the features the distance uses) and the class logits."""
+    return keras.Sequential([
+        keras.Input(shape),
+        layers.Conv2D(32, 3, padding="same", activation="relu"),
+        layers.MaxPooling2D(padding="same"),
+        layers.Conv2D(64, 3, padding="same", activation="relu"),
+        layers.MaxPooling2D(padding="same"),
+        layers.Flatten(),
+        layers.Dense(128, activation="relu", name="features"),
+        layers.Dense(n_classes),
+    ])
+
+
+def scaled(x):
+    """uint8 images to float32 in [0, 1], batch by batch, for tf.data."""
+    return tf.cast(x, tf.float32) / 255.0
+
+
+class SampleQuality:
+    """The features of a classifier trained once per data set (weights cached in
+    $KERAS_HOME/autoencoder-classifiers, keyed by the data's SHA-256), the test set's feature
+    statistics, and the Fréchet distance of generated images to them (FID with a small network
+    in place of Inception: Heusel et al. 2017)."""
+
+    def __init__(self, data, prog):
+        folder = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")),
+                              "autoencoder-classifiers")
+        key = hashlib.sha256((data.description()["sha256"] + CLASSIFIER).encode()).hexdigest()[:20]
+        weights, facts = (os.path.join(folder, key + suffix) for suffix in (".weights.h5", ".json"))
+        self.shape = data.shape
+        model = make_classifier(data.shape, len(data.class_names))
+        try:
+            model.load_weights(weights)
+            with open(facts) as f:
+                self.facts = json.load(f)
+            if not {"test_accuracy", "test_vs_train"} <= set(self.facts):
+                raise KeyError("test_vs_train")
+            trained = False
+        except (OSError, ValueError, KeyError, TypeError):  # not there yet, or damaged: train again
+            self.facts = self.train(model, data, prog)
+            trained = True
+        self.features = keras.Model(model.inputs[0], model.get_layer("features").output)
+        self.test = self.statistics(data.x_test)
+        if trained:
+            self.facts["test_vs_train"] = frechet_distance(*self.statistics(data.x_train), *self.test)
+            try:
+                os.makedirs(folder, exist_ok=True)
+                write_atomically(weights, model.save_weights)
+                write_json(facts, self.facts)
+            except OSError as e:
+                print(f"{prog}: cannot keep the classifier in {folder} ({e.strerror}); it will be "
+                      "trained again next time", file=sys.stderr, flush=True)
+
+    def train(self, model, data, prog):
+        print(f"{prog}: training the classifier that measures sample quality, once for these "
+              f"data ({CLASSIFIER_EPOCHS} epochs)", flush=True)
+        keras.utils.set_random_seed(0)
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=False,  # XLA's
+                      # convolutions are slow on CPUs
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
+        train = (tf.data.Dataset.from_tensor_slices((data.x_train, data.y_train))
+                 .shuffle(len(data.x_train), seed=0).batch(128).map(lambda x, y: (scaled(x), y)))
+        model.fit(train, epochs=CLASSIFIER_EPOCHS, shuffle=False, verbose=0)  # shuffled above
+        test = tf.data.Dataset.from_tensor_slices((data.x_test, data.y_test)).batch(1000).map(
+            lambda x, y: (scaled(x), y))
+        return {"classifier": CLASSIFIER, "test_accuracy": float(model.evaluate(test, verbose=0)[1])}
+
+    def statistics(self, images):
+        """Mean and covariance of the features of images: uint8 (n, h, w, c), or floats in
+        [0, 1] with h * w * c values per image."""
+        images = np.asarray(images)
+        if images.dtype == np.uint8:
+            images = images.astype(np.float32) / 255.0
+        images = images.reshape(-1, *self.shape)
+        features = np.concatenate([self.features(images[i:i + 1000], training=False).numpy()
+                                   for i in range(0, len(images), 1000)]).astype(np.float64)
+        return features.mean(0), np.cov(features, rowvar=False)
+
+    def of(self, samples):
+        """{"samples": the distance of samples (floats in [0, 1]) to the test set, "test_vs_train":
+        that of the training set, the floor, "classifier_test_accuracy"}."""
+        return {"samples": frechet_distance(*self.statistics(samples), *self.test),
+                "test_vs_train": self.facts["test_vs_train"],
+                "classifier_test_accuracy": self.facts["test_accuracy"]}
+
+
+def frechet_distance(mean1, cov1, mean2, cov2):
+    """The Fréchet (2-Wasserstein) distance between N(mean1, cov1) and N(mean2, cov2):
+    |mean1 - mean2|^2 + tr(cov1 + cov2 - 2 (cov1^1/2 cov2 cov1^1/2)^1/2), with symmetric
+    eigendecompositions for the square roots (the trace equals that of (cov1 cov2)^1/2)."""
+    values, vectors = np.linalg.eigh(cov1)
+    root1 = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    inner = root1 @ cov2 @ root1
+    roots = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None))
+    return float(np.sum((np.asarray(mean1) - mean2) ** 2) + np.trace(cov1) + np.trace(cov2)
+                 - 2 * roots.sum())
+
+
+def sample_quality(data, prog, samples_fn, n):
+    """summary.json's sample_fd for n images from samples_fn(n) (floats in [0, 1]), printed too;
+    None, with a line saying why, where the data have no labels or n is 0."""
+    if not n:
+        return None
+    if data.y_train is None:
+        print(f"{prog}: the data have no labels, so there is no classifier to measure sample "
+              "quality with: sample_fd left out", flush=True)
+        return None
+    start = time.perf_counter()
+    quality = SampleQuality(data, prog)
+    figures = quality.of(samples_fn(n))
+    figures["seconds"] = round(time.perf_counter() - start, 1)
+    print(f"sample quality: Frechet distance of {n:,} samples to the test set "
+          f"{figures['samples']:.2f} (the training set's: {figures['test_vs_train']:.2f}), in the "
+          f"features of a classifier of test accuracy {figures['classifier_test_accuracy']:.4f} "
+          f"({figures['seconds']:.1f} s)", flush=True)
+    return figures
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import time
 
 import utils  # first: it loads TensorFlow quietly, and answers Ctrl-C meanwhile
 
+import numpy as np
 import tensorflow as tf
 import keras
 from keras import layers
@@ -201,6 +202,7 @@ def train(config):
                           f"{row['test_kl']:.2f} (nats/image; {row['test_bits_per_dim']:.4f} "
                           "bits/dim)")
         run.save_weights(model, "vae.weights.h5")
+        run.save_progress("sample")
 
         save_interpolations(model, x_test, data.shape, f"{config.out}/interpolation.png")
         final = run.history[-1] if run.history else None
@@ -216,12 +218,18 @@ def train(config):
         for name in ("test_neg_elbo", "test_nll_iw"):
             if summary[name] is not None:
                 summary[name + "_bits_per_dim"] = bits_per_dim(summary[name], data.pixels)
-        summary["total_seconds"] = round(time.perf_counter() - started, 1)
-        utils.write_json(f"{config.out}/summary.json", summary)
         print(f"test negative log-likelihood, importance-weighted with {config.iw_samples} "
               f"samples: {summary['test_nll_iw']:.2f} nats/image, "
               f"{summary['test_nll_iw_bits_per_dim']:.4f} bits/dim (negative ELBO "
               f"{summary['test_neg_elbo']:.2f})", flush=True)
+
+        def generate(n):  # decoded z ~ N(0, I)
+            z = tf.random.stateless_normal([n, config.z_dim], seed=[config.seed, 3])
+            return np.concatenate([tf.sigmoid(model.decode(z[i:i + 10000])).numpy()
+                                   for i in range(0, n, 10000)])
+        summary["sample_fd"] = utils.sample_quality(data, "vae.py", generate, config.fd_samples)
+        summary["total_seconds"] = round(time.perf_counter() - started, 1)
+        utils.write_json(f"{config.out}/summary.json", summary)
         return run.history
 
 

@@ -377,7 +377,8 @@ def test_ae_on_a_colour_folder_writes_colour_grids_and_labelled_figures(tmp_path
     write_colour_folder(tmp_path / "data")
     out = tmp_path / "run"
     code, err, stdout = run_script(capsys, ae, "--dataset", tmp_path / "data", "--out", out, "--epochs", 2,
-                                   "--batch-size", 50, "--h-dim", 4, "--compare-pca", "--export-codes")
+                                   "--batch-size", 50, "--h-dim", 4, "--compare-pca", "--export-codes",
+                                   "--fd-samples", 500)
     assert code == 0, err
     assert stdout.startswith(f"data: {tmp_path / 'data'} (train/ and test/): 100 training and 50 test "
                              "images of 8x6, 3 channels, 2 classes (blue, red)\n")
@@ -393,6 +394,9 @@ def test_ae_on_a_colour_folder_writes_colour_grids_and_labelled_figures(tmp_path
     assert figures["pca"]["knn_accuracy"] > 0.9  # red and blue squares are easy to tell apart
     summary = json.load(open(out / "summary.json"))
     assert summary["data"]["shape"] == [8, 6, 3] and summary["data"]["classes"] == ["blue", "red"]
+    assert summary["sample_fd"]["classifier_test_accuracy"] > 0.9
+    assert summary["sample_fd"]["samples"] > summary["sample_fd"]["test_vs_train"] > 0
+    assert "sample quality: Frechet distance of 500 samples to the test set" in stdout
 
     # the data change: --resume refuses, touching nothing
     save(str(tmp_path / "data" / "train" / "red" / "new.png"), np.zeros((8, 6, 3), np.uint8))
@@ -416,6 +420,7 @@ def test_vae_on_an_unlabelled_npz_reports_bits_per_dimension(tmp_path, capsys):
                                    "--batch-size", 50, "--iw-samples", 5)
     assert code == 0, err
     assert "100 training and 60 test images of 5x4, 1 channel, no labels" in stdout
+    assert "no labels, so there is no classifier to measure sample quality with" in stdout
     with open(out / "history.csv") as f:
         row = list(csv.DictReader(f))[-1]
     assert float(row["test_bits_per_dim"]) == pytest.approx(float(row["test_loss"]) / (20 * np.log(2)))

@@ -21,7 +21,7 @@ import utils
 import vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--h-dim", "6", "--batch-size", "100"]
+TINY = ["--h-dim", "6", "--batch-size", "100", "--fd-samples", "0"]
 
 
 def main(capsys, script, *args):

@@ -164,3 +164,49 @@ def test_signals_act_as_usual_once_the_epochs_are_done(finished_run, tmp_path, m
         utils.run_main("ae.py", interrupted, ae.make_parser(), ["--out", str(tmp_path / "x")])
     assert info.value.code == 130
     assert capsys.readouterr().err.strip().splitlines() == ["ae.py: interrupted"]
+
+
+# --- --grid-every and progress.gif -----------------------------------------------------------------
+
+def test_grid_every_keeps_every_nth_grid_and_the_last_and_the_gif_shows_them_in_order(tiny_data, tmp_path):
+    from PIL import Image
+    data_dir, _ = tiny_data
+    out = tmp_path / "run"
+    ae.train(make_config(ae, data_dir, out, epochs=5, grid_every=2, h_dim=4))
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "rec_epoch_002.png", "rec_epoch_004.png", "rec_epoch_005.png"]
+    with Image.open(out / "progress.gif") as gif:
+        assert gif.n_frames == 3
+        bands = []
+        for frame, epoch in enumerate((2, 4, 5)):
+            gif.seek(frame)
+            pixels = np.asarray(gif.convert("L"))
+            grid = np.asarray(Image.open(out / f"rec_epoch_{epoch:03d}.png"))
+            # the grid below the band, at 32 gray levels
+            np.testing.assert_array_equal(pixels[14:], grid // 8 * 8 + 4)
+            bands.append(pixels[:14])
+        assert all(band.any() for band in bands) and not (bands[0] == bands[1]).all()  # "epoch N"
+
+
+def test_progress_gif_spreads_at_most_100_frames_over_a_long_run(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:28, 0:28]
+    for epoch in range(1, 251):  # objects on black, as Fashion-MNIST's: blobs that move and sharpen
+        centres = rng.uniform(8, 20, (100, 2, 1, 1))
+        width = 3 + 20 / epoch
+        blobs = np.exp(-((yy - centres[:, 0]) ** 2 + (xx - centres[:, 1]) ** 2) / (2 * width ** 2))
+        images = (255 * blobs * (blobs > 0.2) + rng.uniform(0, 20, blobs.shape) * (blobs > 0.2))
+        utils.save_images(images.clip(0, 255).astype(np.uint8), str(tmp_path / f"sample_epoch_{epoch:03d}.png"))
+    chosen = utils.spread(list(range(1, 251)), 100)
+    assert len(chosen) == 100 and chosen[0] == 1 and chosen[-1] == 250
+    assert all(a < b for a, b in zip(chosen, chosen[1:]))
+    assert utils.spread([1, 2, 3], 100) == [1, 2, 3]
+    utils.save_progress_gif([str(tmp_path / f"sample_epoch_{e:03d}.png") for e in chosen], chosen,
+                            str(tmp_path / "progress.gif"))
+    with Image.open(tmp_path / "progress.gif") as gif:
+        assert gif.n_frames == 100 and gif.size == (280, 294)
+        gif.seek(99)
+        last = np.asarray(gif.convert("L"))[14:]
+    np.testing.assert_array_equal(last, np.asarray(Image.open(tmp_path / "sample_epoch_250.png")) // 8 * 8 + 4)
+    assert os.path.getsize(tmp_path / "progress.gif") < 4 * 2**20  # a few MB

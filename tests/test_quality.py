@@ -1,0 +1,120 @@
+"""The generators' figures: how Gaussian the codes are, and the Frechet distance of samples."""
+
+import os
+
+import numpy as np
+import pytest
+
+import utils
+
+
+# --- code statistics ------------------------------------------------------------------------------
+
+def test_a_standard_normal_sample_scores_near_zero():
+    codes = np.random.default_rng(0).standard_normal((20000, 8))
+    stats = utils.code_statistics(codes)
+    assert stats["code_mean_abs"] < 0.02 and stats["code_std_dev_from_1"] < 0.02
+    assert stats["code_ks"] < 0.01 and stats["code_abs_correlation"] < 0.02
+
+
+def test_a_shifted_or_scaled_sample_has_the_kolmogorov_smirnov_distance_of_its_law():
+    rng = np.random.default_rng(1)
+    shifted = rng.standard_normal((20000, 4)) + 0.5
+    # sup |Phi(x - 0.5) - Phi(x)| is at x = 0.25: Phi(0.25) - Phi(-0.25) = 0.1974
+    assert utils.code_statistics(shifted)["code_ks"] == pytest.approx(0.1974, abs=0.01)
+    wide = rng.standard_normal((20000, 4)) * 2
+    # sup |Phi(x / 2) - Phi(x)| where the densities cross, x = sqrt(8 ln 2 / 3) = 1.3595:
+    # Phi(1.3595) - Phi(0.6797) = 0.9130 - 0.7517 = 0.1613
+    assert utils.code_statistics(wide)["code_ks"] == pytest.approx(0.1613, abs=0.01)
+
+
+def test_correlated_dimensions_show_in_the_mean_absolute_correlation():
+    rng = np.random.default_rng(2)
+    a, b, c = rng.standard_normal((3, 20000))
+    codes = np.stack([a, 0.6 * a + 0.8 * b, -c], 1)  # corr(a, .) = 0.6, the others 0
+    stats = utils.code_statistics(codes)
+    assert stats["code_abs_correlation"] == pytest.approx(0.6 / 3, abs=0.02)
+    assert stats["code_ks"] < 0.02  # each dimension alone is still N(0, 1)
+
+
+# --- the Frechet distance ---------------------------------------------------------------------------
+
+def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():
+    mean1, mean2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    var1, var2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 4.0, 1.0])
+    expected = np.sum((mean1 - mean2) ** 2) + np.sum((np.sqrt(var1) - np.sqrt(var2)) ** 2)  # 5 + 1 + 0 + 4
+    assert utils.frechet_distance(mean1, np.diag(var1), mean2, np.diag(var2)) == pytest.approx(expected)
+    assert expected == 10
+
+
+def test_frechet_distance_of_full_covariances_matches_the_eigenvalues_of_their_product():
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((2, 6, 6))
+    cov1, cov2 = a @ a.T + 0.1 * np.eye(6), b @ b.T + 0.1 * np.eye(6)  # they do not commute
+    mean1, mean2 = rng.standard_normal((2, 6))
+    # tr((cov1 cov2)^1/2) is the sum of the square roots of cov1 cov2's (real, positive) eigenvalues
+    root_trace = np.sum(np.sqrt(np.linalg.eigvals(cov1 @ cov2).real))
+    expected = np.sum((mean1 - mean2) ** 2) + np.trace(cov1) + np.trace(cov2) - 2 * root_trace
+    assert utils.frechet_distance(mean1, cov1, mean2, cov2) == pytest.approx(expected, rel=1e-9)
+    assert utils.frechet_distance(mean2, cov2, mean1, cov1) == pytest.approx(expected, rel=1e-9)
+    assert utils.frechet_distance(mean1, cov1, mean1, cov1) == pytest.approx(0, abs=1e-9)
+
+
+# --- the classifier and the distance of samples --------------------------------------------------------
+
+def labelled_data(n_train=300, n_test=100):
+    """Two classes of 8x8 images: a bright left half, or a bright right half."""
+    rng = np.random.default_rng(4)
+
+    def make(n):
+        y = np.arange(n) % 2
+        x = rng.integers(0, 40, (n, 8, 8, 1)).astype(np.uint8)
+        for i, label in enumerate(y):
+            x[i, :, label * 4:label * 4 + 4] += 200
+        return x, y
+    (x_train, y_train), (x_test, y_test) = make(n_train), make(n_test)
+    return utils.Data("test", x_train, y_train, x_test, y_test, ["left", "right"])
+
+
+def test_sample_quality_trains_once_then_reads_the_cache(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    data = labelled_data()
+    first = utils.SampleQuality(data, "vae.py")
+    assert "training the classifier" in capsys.readouterr().out
+    assert first.facts["test_accuracy"] > 0.95
+    cached = os.listdir(tmp_path / "autoencoder-classifiers")
+    assert len(cached) == 2
+    second = utils.SampleQuality(data, "vae.py")
+    assert capsys.readouterr().out == ""  # read, not trained
+    assert second.facts == first.facts
+    test = data.x_test.reshape(len(data.x_test), -1) / 255.0
+    assert second.of(test)["samples"] == pytest.approx(first.of(test)["samples"], abs=1e-6)
+    # the test set itself is at distance 0; the training set near it; noise far away
+    assert first.of(test)["samples"] == pytest.approx(0, abs=1e-4)
+    noise = np.random.default_rng(5).uniform(0, 1, (1000, 64))
+    figures = first.of(noise)
+    assert figures["samples"] > 10 * figures["test_vs_train"] > 0
+    # a damaged cache is trained again
+    for name in cached:
+        (tmp_path / "autoencoder-classifiers" / name).write_bytes(b"garbage")
+    utils.SampleQuality(data, "vae.py")
+    assert "training the classifier" in capsys.readouterr().out
+
+
+def test_samples_nearer_the_data_score_better(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    data = labelled_data()
+    quality = utils.SampleQuality(data, "ae.py")
+    test = data.x_test.reshape(len(data.x_test), -1) / 255.0
+    blurred = 0.5 * test + 0.5 * test.mean(0)  # each image halfway to the mean image
+    one_class = test[data.y_test == 0]  # the left class only
+    assert quality.of(test)["samples"] < quality.of(blurred)["samples"]
+    assert quality.of(test)["samples"] < quality.of(one_class)["samples"]
+
+
+def test_without_labels_the_figure_is_left_out_and_the_output_says_so(capsys):
+    data = labelled_data()
+    data = utils.Data("test", data.x_train, None, data.x_test, None)
+    assert utils.sample_quality(data, "vae.py", lambda n: pytest.fail("generated"), 100) is None
+    assert "no labels" in capsys.readouterr().out
+    assert utils.sample_quality(labelled_data(), "vae.py", lambda n: pytest.fail("generated"), 0) is None
