@@ -1,5 +1,7 @@
 """The generators' figures: how Gaussian the codes are, and the Frechet distance of samples."""
 
+import contextlib
+import io
 import os
 
 import numpy as np
@@ -76,40 +78,62 @@ def labelled_data(n_train=300, n_test=100):
     return utils.Data("test", x_train, y_train, x_test, y_test, ["left", "right"])
 
 
-def test_sample_quality_trains_once_then_reads_the_cache(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    data = labelled_data()
-    first = utils.SampleQuality(data, "vae.py")
-    assert "training the classifier" in capsys.readouterr().out
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A classifier trained on labelled_data() in a Keras home of its own: (home, SampleQuality,
+    what it printed)."""
+    home = tmp_path_factory.mktemp("keras")
+    os.environ["KERAS_HOME"], before = str(home), os.environ["KERAS_HOME"]
+    try:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            quality = utils.SampleQuality(labelled_data(), "vae.py")
+    finally:
+        os.environ["KERAS_HOME"] = before
+    return home, quality, printed.getvalue()
+
+
+def test_sample_quality_trains_once_then_reads_the_cache(trained, monkeypatch, capsys):
+    home, first, printed = trained
+    assert "training the classifier" in printed
     assert first.facts["test_accuracy"] > 0.95
-    cached = os.listdir(tmp_path / "autoencoder-classifiers")
+    cached = sorted(os.listdir(home / "autoencoder-classifiers"))
     assert len(cached) == 2
+    monkeypatch.setenv("KERAS_HOME", str(home))
+    data = labelled_data()
     second = utils.SampleQuality(data, "vae.py")
     assert capsys.readouterr().out == ""  # read, not trained
     assert second.facts == first.facts
     test = data.x_test.reshape(len(data.x_test), -1) / 255.0
     assert second.of(test)["samples"] == pytest.approx(first.of(test)["samples"], abs=1e-6)
-    # the test set itself is at distance 0; the training set near it; noise far away
-    assert first.of(test)["samples"] == pytest.approx(0, abs=1e-4)
-    noise = np.random.default_rng(5).uniform(0, 1, (1000, 64))
-    figures = first.of(noise)
-    assert figures["samples"] > 10 * figures["test_vs_train"] > 0
     # a damaged cache is trained again
     for name in cached:
-        (tmp_path / "autoencoder-classifiers" / name).write_bytes(b"garbage")
+        (home / "autoencoder-classifiers" / name).write_bytes(b"garbage")
     utils.SampleQuality(data, "vae.py")
     assert "training the classifier" in capsys.readouterr().out
 
 
-def test_samples_nearer_the_data_score_better(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+def test_samples_nearer_the_data_score_better(trained):
+    _, quality, _ = trained
     data = labelled_data()
-    quality = utils.SampleQuality(data, "ae.py")
     test = data.x_test.reshape(len(data.x_test), -1) / 255.0
+    # the test set itself is at distance 0; the training set near it; noise far away
+    assert quality.of(test)["samples"] == pytest.approx(0, abs=1e-4)
+    noise = np.random.default_rng(5).uniform(0, 1, (1000, 64))
+    figures = quality.of(noise)
+    assert figures["samples"] > 10 * figures["test_vs_train"] > 0
     blurred = 0.5 * test + 0.5 * test.mean(0)  # each image halfway to the mean image
     one_class = test[data.y_test == 0]  # the left class only
     assert quality.of(test)["samples"] < quality.of(blurred)["samples"]
     assert quality.of(test)["samples"] < quality.of(one_class)["samples"]
+
+
+def test_the_classifier_is_the_same_whatever_ran_before(trained, tmp_path, monkeypatch):
+    import keras
+    keras.random.normal([100])  # what a run does before: draws from the global random state
+    keras.layers.Dense(3).build((None, 4))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    assert utils.SampleQuality(labelled_data(), "ae.py").facts == trained[1].facts
 
 
 def test_without_labels_the_figure_is_left_out_and_the_output_says_so(capsys):
@@ -119,13 +143,3 @@ def test_without_labels_the_figure_is_left_out_and_the_output_says_so(capsys):
     assert "no labels" in capsys.readouterr().out
     assert utils.sample_quality(labelled_data(), "vae.py", lambda n: pytest.fail("generated"), 0) is None
 
-
-def test_the_classifier_is_the_same_whatever_ran_before(tmp_path, monkeypatch):
-    import keras
-    data = labelled_data()
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "a"))
-    first = utils.SampleQuality(data, "ae.py").facts
-    keras.random.normal([100])  # what a run does before: draws from the global random state
-    keras.layers.Dense(3).build((None, 4))
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "b"))
-    assert utils.SampleQuality(data, "ae.py").facts == first
