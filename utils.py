@@ -268,7 +268,8 @@ class Data:
         """What identifies the data of a run (kept with it, so --resume can tell a change)."""
         digest = hashlib.sha256()
         for array in (self.x_train, self.y_train, self.x_test, self.y_test):
-            if array is not None:
+            if array is not None:  # the shape too: moving an image between splits is a change
+                digest.update(repr(array.shape).encode())
                 digest.update(np.ascontiguousarray(array).data)
         return {"source": self.source, "train": len(self.x_train), "test": len(self.x_test),
                 "shape": list(self.shape), "classes": self.class_names,
@@ -322,8 +323,11 @@ def load_data(config):
         return read_image_folder(dataset, config, limit)
     if os.path.isfile(dataset):
         (x_train, y_train), (x_test, y_test) = read_npz(dataset, config, limit)
-        names = None if y_train is None else [str(k) for k in range(int(max(y_train.max(initial=0),
-                                                                            y_test.max(initial=0))) + 1)]
+        names = None
+        if y_train is not None:  # the classes are the label values found, numbered in order
+            values = np.unique(np.concatenate([y_train, y_test]))
+            names = [str(v) for v in values]
+            y_train, y_test = np.searchsorted(values, y_train), np.searchsorted(values, y_test)
         return from_arrays(dataset, x_train, y_train, x_test, y_test, config, limit, names)
     raise DataError(f"--dataset {dataset}: no such file or folder (--dataset takes fashion-mnist, "
                     "mnist, a folder of images or an .npz file)")
@@ -400,7 +404,7 @@ def parse_bytes(text):
         value = float(number[:len(number) - len(unit)]) * units[unit]
     except ValueError:
         value = 0
-    if not value > 0:
+    if not (math.isfinite(value) and value >= 1):
         raise argparse.ArgumentTypeError(f"must be a size like 8G or 500M, got {text}")
     return int(value)
 
@@ -442,7 +446,8 @@ def read_npz(path, config, limit):
                 if dtype != np.uint8:
                     raise DataError(f"{path}: {key} holds {dtype}; images must be uint8 (0-255), "
                                     "for example (x * 255).round().astype('uint8') of images in [0, 1]")
-                if len(shape) not in (3, 4) or len(shape) == 4 and shape[3] not in (1, 3):
+                if (len(shape) not in (3, 4) or len(shape) == 4 and shape[3] not in (1, 3)
+                        or 0 in shape[1:3]):
                     raise DataError(f"{path}: {key} has shape {shape}; expected N x H x W, or "
                                     "N x H x W x C with C = 1 or 3")
             (tr, _), (te, _) = headers["x_train"], headers["x_test"]
@@ -450,6 +455,7 @@ def read_npz(path, config, limit):
                 raise DataError(f"{path}: x_train holds images of {tr[1:]}, x_test of {te[1:]}; "
                                 "both must have the same shape")
             channels = tr[3] if len(tr) == 4 else 1
+            check_memory(path, tr[0] + te[0], (*tr[1:3], channels), config, limit)  # loaded whole
             shape = (*(config.image_size or tr[1:3]), config.channels or channels)
             check_memory(path, tr[0] + te[0], shape, config, limit)
             arrays = {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test") if k in npz.files}
@@ -572,14 +578,34 @@ def parallel_map(fn, items, chunk=1000):
         return
     import multiprocessing
     pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("fork"), initializer=signal.signal,
-        initargs=(signal.SIGINT, signal.SIG_IGN))  # Ctrl-C is the parent's to answer
+        workers, mp_context=multiprocessing.get_context("fork"), initializer=start_worker)
+
+    def stop(signum, frame):  # SIGTERM too ends the workers (below) before this process
+        raise SystemExit(128 + signum)
+    before = signal.signal(signal.SIGTERM, stop)
     try:
         chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
         for results in pool.map(map_list, [fn] * len(chunks), chunks):
             yield from results
-    finally:
+    except concurrent.futures.process.BrokenProcessPool:
+        raise DataError("a process decoding the images died (out of memory, or killed); try "
+                        "again, or with a smaller --image-size or fewer images") from None
+    finally:  # a Ctrl-C, SIGTERM or an error: the workers stop now, not after their chunks
+        signal.signal(signal.SIGTERM, before)
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def start_worker():
+    """In each worker: Ctrl-C is the parent's to answer; and the worker goes when the parent
+    does, even by kill -9 (Linux's PR_SET_PDEATHSIG)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 def map_list(fn, items):
@@ -594,15 +620,19 @@ def in_test_split(path, fraction):
 
 
 def list_files(root):
-    """Every file under root, recursively, as sorted paths relative to root with '/' between
-    folders; hidden files and folders (a name starting with '.') are left out."""
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    """(files, unreadable): every file under root, recursively, following linked folders (each
+    real folder once), as sorted paths relative to root with '/' between folders, hidden files
+    and folders (a name starting with '.') left out; and the folders that could not be read."""
+    found, unreadable, seen = [], [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True,
+                                       onerror=lambda e: unreadable.append(e.filename)):
+        seen.add(os.path.realpath(folder))
+        dirs[:] = [d for d in dirs if not d.startswith(".")
+                   and os.path.realpath(os.path.join(folder, d)) not in seen]
         relative = os.path.relpath(folder, root)
         prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
         found += [prefix + f for f in files if not f.startswith(".")]
-    return sorted(found)
+    return sorted(found), [os.path.relpath(f, root).replace(os.sep, "/") + "/" for f in unreadable]
 
 
 def read_image_folder(root, config, limit):
@@ -613,10 +643,14 @@ def read_image_folder(root, config, limit):
     under the folder (or train/, test/), is its class; labels exist when every image has one
     and there are two classes or more.
     """
-    files = list_files(root)
+    files, unreadable_folders = list_files(root)
     top = {f.split("/", 1)[0] for f in files if "/" in f}
     by_folders = {"train", "test"} <= top
-    skipped = {"unreadable": [], "not an image": [], "outside train/ and test/": []}
+    if len({"train", "test"} & top) == 1:
+        (only,), (other,) = {"train", "test"} & top, {"train", "test"} - top
+        raise DataError(f"{root}: has a {only}/ folder of images but no {other}/ one; add "
+                        f"{other}/, or rename {only}/ to have its images split by --test-split")
+    skipped = {"unreadable": unreadable_folders, "not an image": [], "outside train/ and test/": []}
     images = []  # (relative path, split, class folder or None)
     for f in files:
         parts = f.split("/")
@@ -836,11 +870,11 @@ def non_negative(text):
     return value
 
 
-def non_negative_int(text):
-    """An argparse type: an integer >= 0."""
+def sample_count(text):
+    """An argparse type: 0, or a number of samples with a covariance (2 or more)."""
     value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    if value < 0 or value == 1:
+        raise argparse.ArgumentTypeError(f"must be 0 (none) or at least 2, got {text}")
     return value
 
 
@@ -903,7 +937,7 @@ def make_parser(description, epochs, out):
                         "of the memory available)")
     parser.add_argument("--out", default=out, metavar="DIR",
                         help="output folder for grids, history.csv, checkpoints and weights")
-    parser.add_argument("--fd-samples", type=non_negative_int, default=10000, metavar="N",
+    parser.add_argument("--fd-samples", type=sample_count, default=10000, metavar="N",
                         help="images generated for summary.json's sample_fd, their Frechet distance "
                         "to the test set (0: leave it out)")
     parser.add_argument("--grid-every", type=positive(int), default=1, metavar="N",

@@ -438,3 +438,54 @@ def test_a_gray_palette_counts_as_gray_and_a_coloured_one_as_colour(tmp_path):
     image.putpalette([v for k in range(256) for v in (k, 0, 0)])
     image.save(tmp_path / "train" / "cat" / "palette.png")
     assert utils.load_data(config(tmp_path)).shape == (6, 5, 3)
+
+
+def test_a_linked_class_folder_is_followed_once_and_a_link_loop_ends(tmp_path):
+    write_split_folder(tmp_path / "real", classes=("cat", "dog"))
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        (root / split).mkdir(parents=True)
+        os.symlink(tmp_path / "real" / split / "cat", root / split / "cat")
+        os.symlink(tmp_path / "real" / split / "dog", root / split / "dog")
+    os.symlink(root, root / "train" / "cat" / "loop")  # a folder linking back up
+    data = utils.load_data(config(root))
+    assert data.class_names == ["cat", "dog"] and len(data.x_train) == 60 and len(data.x_test) == 50
+
+
+def test_a_train_folder_without_a_test_folder_is_named(tmp_path):
+    write_split_folder(tmp_path)
+    os.rename(tmp_path / "test", tmp_path / "other")
+    with pytest.raises(utils.DataError, match=r"has a train/ folder of images but no test/ one"):
+        utils.load_data(config(tmp_path))
+
+
+def test_moving_an_image_between_splits_changes_the_data_description(tmp_path):
+    write_split_folder(tmp_path, n_test=51, classes=("only",))
+    before = utils.load_data(config(tmp_path)).description()["sha256"]
+    # the first test image becomes the last training one: the pixels, end to end, stay the same
+    os.rename(tmp_path / "test" / "only" / "000.png", tmp_path / "train" / "only" / "zz.png")
+    assert utils.load_data(config(tmp_path)).description()["sha256"] != before
+
+
+def test_npz_labels_are_renumbered_in_order_and_empty_images_refused(tmp_path):
+    x = np.zeros((60, 4, 4), np.uint8)
+    path = write_npz(tmp_path / "d.npz", x_train=x, x_test=x, y_train=np.arange(60) % 2 * 3_000_000_000,
+                     y_test=np.arange(60) % 2 * 3_000_000_000)
+    data = utils.load_data(config(path))
+    assert data.class_names == ["0", "3000000000"] and set(data.y_train) == {0, 1}
+    empty = write_npz(tmp_path / "e.npz", x_train=np.zeros((60, 0, 5), np.uint8),
+                      x_test=np.zeros((60, 0, 5), np.uint8))
+    with pytest.raises(utils.DataError, match=r"shape \(60, 0, 5\)"):
+        utils.load_data(config(empty))
+
+
+@pytest.mark.parametrize("text", ["inf", "1e400", "0.5", "0"])
+def test_max_memory_flag_refuses(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        utils.parse_bytes(text)
+
+
+@pytest.mark.parametrize("text", ["1", "-3"])
+def test_fd_samples_needs_none_or_two_at_least(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        utils.sample_count(text)
