@@ -74,6 +74,17 @@ def finished_run(tiny_data, template_run, tmp_path):
     return tiny_data[0], out
 
 
+def main(capsys, script, *args):
+    """Run script's main in this process: (exit code, stderr lines, stdout)."""
+    code = 0
+    try:
+        script.main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines(), captured.out
+
+
 def make_config(script, data_dir, out, **overrides):
     """The flags script's parser gives by default, for a short run on tiny data, changed by
     overrides (h_dim=6 for --h-dim 6)."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_images, write_dataset
+from conftest import main, make_images, write_dataset
 import utils
 
 
@@ -352,16 +352,6 @@ def test_max_memory_flag(text, value):
 
 # --- the scripts on such data ----------------------------------------------------------------------
 
-def run_script(capsys, script, *args):
-    code = 0
-    try:
-        script.main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.err.strip().splitlines(), captured.out
-
-
 def write_colour_folder(root, n_train=100, n_test=50, size=(8, 6)):
     """Two classes of colour images: red squares and blue ones, with noise."""
     rng = np.random.default_rng(3)
@@ -376,7 +366,7 @@ def test_ae_on_a_colour_folder_writes_colour_grids_and_labelled_figures(tmp_path
     import ae
     write_colour_folder(tmp_path / "data")
     out = tmp_path / "run"
-    code, err, stdout = run_script(capsys, ae, "--dataset", tmp_path / "data", "--out", out, "--epochs", 2,
+    code, err, stdout = main(capsys, ae, "--dataset", tmp_path / "data", "--out", out, "--epochs", 2,
                                    "--batch-size", 50, "--h-dim", 4, "--compare-pca", "--export-codes",
                                    "--fd-samples", 500)
     assert code == 0, err
@@ -401,12 +391,12 @@ def test_ae_on_a_colour_folder_writes_colour_grids_and_labelled_figures(tmp_path
     # the data change: --resume refuses, touching nothing
     save(str(tmp_path / "data" / "train" / "red" / "new.png"), np.zeros((8, 6, 3), np.uint8))
     before = sorted(os.listdir(out))
-    code, err, _ = run_script(capsys, ae, "--out", out, "--resume", "--epochs", 3)
+    code, err, _ = main(capsys, ae, "--out", out, "--resume", "--epochs", 3)
     assert code == 2 and len(err) == 1
     assert "--resume: the data differ from those of the run in" in err[0]
     assert "100 + 50 images of 8x6x3 then" in err[0] and "101 + 50 images of 8x6x3 now" in err[0]
     assert sorted(os.listdir(out)) == before
-    code, err, _ = run_script(capsys, ae, "--out", out, "--resume", "--image-size", "4x3")
+    code, err, _ = main(capsys, ae, "--out", out, "--resume", "--image-size", "4x3")
     assert code == 2 and "--image-size [4, 3] differs" in err[0]
 
 
@@ -416,7 +406,7 @@ def test_vae_on_an_unlabelled_npz_reports_bits_per_dimension(tmp_path, capsys):
     path = write_npz(tmp_path / "d.npz", x_train=rng.integers(0, 256, (100, 5, 4), dtype=np.uint8),
                      x_test=rng.integers(0, 256, (60, 5, 4), dtype=np.uint8))
     out = tmp_path / "run"
-    code, err, stdout = run_script(capsys, vae, "--dataset", path, "--out", out, "--epochs", 1,
+    code, err, stdout = main(capsys, vae, "--dataset", path, "--out", out, "--epochs", 1,
                                    "--batch-size", 50, "--iw-samples", 5)
     assert code == 0, err
     assert "100 training and 60 test images of 5x4, 1 channel, no labels" in stdout

@@ -19,20 +19,10 @@ import tensorflow as tf
 import ae
 import utils
 import vae
+from conftest import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--h-dim", "6", "--batch-size", "100", "--fd-samples", "0"]
-
-
-def main(capsys, script, *args):
-    """Run script's main in this process: (exit code, stderr lines, stdout)."""
-    code = 0
-    try:
-        script.main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.err.strip().splitlines(), captured.out
 
 
 def snapshot(folder):
