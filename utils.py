@@ -1185,8 +1185,10 @@ class Run:
     written before the first epoch ends; --overwrite deletes the old run only then.
 
     After every epoch it saves a checkpoint (model, optimizers, random generators, fixed probes,
-    the epoch, and the run's flags and history), then run.json, history.csv, the grids and
-    TensorBoard summaries, and reports progress. --resume continues from the newest checkpoint
+    the epoch, and the run's flags and history) and reports progress; run.json, history.csv, the
+    grids and TensorBoard summaries are written by a background writer while the next epoch
+    trains (one epoch's files at a time; a failed write stops the run at the next epoch's end;
+    all are written before the run goes on to its end, or stops on a signal). --resume continues from the newest checkpoint
     that reads whole, skipping damaged ones with a line each, and rebuilds history.csv and
     run.json from it. A non-finite loss stops the run (Diverged, exit code 3) before anything of
     that epoch is written. A failed write (full disk, no permission) stops it with one line
@@ -1278,16 +1280,25 @@ class Run:
         self.wrote = False  # whether this process has written run.json yet
 
     def __enter__(self):
-        self.pool = concurrent.futures.ThreadPoolExecutor(1)
+        self.pool = concurrent.futures.ThreadPoolExecutor(1)  # the epochs (see call)
+        self.files = concurrent.futures.ThreadPoolExecutor(1)  # the background writer
+        self.pending = None  # the last epoch's files while the background writer has them
         self.old_handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         self.restore_signal_handlers()
-        self.pool.shutdown()
-        if self.writer:
-            self.writer.close()
-        self.lock.close()
+        try:
+            if exc_type is None:
+                self.flush()
+            elif self.pending:  # the run failed: its last files are still written, errors aside
+                concurrent.futures.wait([self.pending])
+        finally:
+            self.pool.shutdown()
+            self.files.shutdown()
+            if self.writer:
+                self.writer.close()
+            self.lock.close()
 
     def restore_signal_handlers(self):
         for s, handler in self.old_handlers.items():
@@ -1307,7 +1318,10 @@ class Run:
 
     def stop_now(self, signum):
         """Exit at once, from a signal handler: the epoch in progress runs on another thread,
-        which only exiting the process stops. No file is being written (see on_signal)."""
+        which only exiting the process stops. The main thread writes nothing now (see
+        on_signal); the background writer finishes the last epoch's files first."""
+        if self.pending:
+            concurrent.futures.wait([self.pending])
         done = int(self.epoch) if hasattr(self, "epoch") else self.resumed_epoch
         saved = (f"the checkpoint of epoch {done} is kept; continue with: "
                  f"{self.resume_command()}" if done
@@ -1416,9 +1430,11 @@ class Run:
             yield epoch
         if self.signal:  # during the last epoch: it is saved, the end-of-run work is left to --resume
             self.interrupted()
+        self.flush()  # the end-of-run work reads the grids
         self.restore_signal_handlers()  # the end-of-run work is not an epoch: Ctrl-C stops it at once
 
     def interrupted(self):
+        self.flush()
         name, done = signal.Signals(self.signal).name, int(self.epoch)
         if done:
             print(f"{self.prog}: stopped by {name} after epoch {done}, checkpoint saved; continue "
@@ -1449,8 +1465,9 @@ class Run:
             self.writing = False
 
     def end_epoch(self, row, grids, figures):
-        """Record a finished epoch: checkpoint (with row added to the history), then run.json,
-        history.csv, grids ({name: 100 images} as NAME_epoch_NNN.png) and TensorBoard; report."""
+        """Record a finished epoch: checkpoint (with row added to the history) and report;
+        then, on the background writer, run.json, history.csv, grids ({name: 100 images} as
+        NAME_epoch_NNN.png) and TensorBoard. The previous epoch's files are written first."""
         epoch = row["epoch"]
         bad = [k for k, v in row.items() if not math.isfinite(v)]
         if bad:
@@ -1458,6 +1475,7 @@ class Run:
             raise Diverged(f"epoch {epoch}: {bad[0]} is {row[bad[0]]}; training diverged, most "
                            f"likely because the learning rate ({self.config.lr}) is too high: "
                            f"try a smaller --lr. Last good checkpoint: {kept}")
+        self.flush()
         with self.writing_files():
             for path in self.old_run:  # --overwrite: the old run goes once the new one has an epoch
                 remove(path)
@@ -1470,23 +1488,38 @@ class Run:
             self.manager.save(checkpoint_number=epoch)
             self.checkpointed_flags = self.flags
             self.history.append(row)
-            if not self.wrote:
-                write_json(os.path.join(self.out, "run.json"), self.run_json())
-                self.wrote = True
-            write_history(os.path.join(self.out, "history.csv"), self.history)
-            grids = grids if epoch % self.config.grid_every == 0 or epoch == self.config.epochs else {}
-            for name, images in grids.items():
-                save_images(images, os.path.join(self.out, f"{name}_epoch_{epoch:03d}.png"))
-            if self.writer:
-                with self.writer.as_default(step=epoch):
-                    for name, value in row.items():
-                        if name != "epoch":
-                            tf.summary.scalar(name, value)
-                    for name, images in grids.items():
-                        grid = make_grid(images)
-                        tf.summary.image(name, (grid[..., None] if grid.ndim == 2 else grid)[None])
-                self.writer.flush()  # so a stop at once loses no finished epoch's summaries
+        grids = grids if epoch % self.config.grid_every == 0 or epoch == self.config.epochs else {}
+        self.pending = self.files.submit(self.write_files, row, list(self.history), grids,
+                                         not self.wrote)
+        self.wrote = True
         self.report(row, figures)
+
+    def write_files(self, row, history, grids, run_json):
+        """On the background writer: the files of the epoch of row, history being the rows up
+        to it, and run.json if this process has not written it yet."""
+        epoch = row["epoch"]
+        if run_json:
+            write_json(os.path.join(self.out, "run.json"), self.run_json())
+        write_history(os.path.join(self.out, "history.csv"), history)
+        for name, images in grids.items():
+            save_images(images, os.path.join(self.out, f"{name}_epoch_{epoch:03d}.png"))
+        if self.writer:
+            with self.writer.as_default(step=epoch):
+                for name, value in row.items():
+                    if name != "epoch":
+                        tf.summary.scalar(name, value)
+                for name, images in grids.items():
+                    grid = make_grid(images)
+                    tf.summary.image(name, (grid[..., None] if grid.ndim == 2 else grid)[None])
+            self.writer.flush()  # so a stop at once loses no finished epoch's summaries
+
+    def flush(self):
+        """Wait for the background writer to finish the last epoch's files; a failed write
+        stops the run here, in one line (see writing_files)."""
+        pending, self.pending = self.pending, None
+        if pending:
+            with self.writing_files():
+                pending.result()
 
     def report(self, row, figures):
         """A progress bar over the epochs on a terminal; one line per epoch otherwise."""

@@ -126,17 +126,21 @@ def bits_per_dim(nats, pixels):
     return nats / (pixels * math.log(2))
 
 
-def test_nll_iw(model, x_test, samples, seed, decoded_pixels=20000 * 784):
-    """Mean importance-weighted negative log-likelihood of the test set, in chunks of images so
-    that each call decodes about decoded_pixels pixels; noise from a stateless seed."""
-    chunk = max(1, decoded_pixels // x_test.shape[1] // samples)
+def test_nll_iw(model, x_test, samples, seed, drawn_pixels=20000 * 784, decoded=5000):
+    """Mean importance-weighted negative log-likelihood of the test set. The noise is drawn for
+    chunks of images that decode about drawn_pixels pixels each, from a stateless seed per chunk;
+    each chunk is computed in parts of about `decoded` decodings (one part per call), which runs
+    about a third faster on a CPU than whole chunks and leaves the noise, so the figure, as it was."""
+    chunk = max(1, drawn_pixels // x_test.shape[1] // samples)
+    part = max(1, decoded // samples)
     estimate = tf.function(iw_nll, jit_compile=True)
     total = 0.0
     starts = range(0, len(x_test), chunk)
     for i, start in utils.progress(enumerate(starts), len(starts), "importance-weighted estimate"):
         x = x_test[start:start + chunk]
         eps = tf.random.stateless_normal([samples, x.shape[0], model.fc2.units], seed=[seed, i])
-        total += float(tf.reduce_sum(estimate(model, x, eps)))
+        for j in range(0, x.shape[0], part):
+            total += float(tf.reduce_sum(estimate(model, x[j:j + part], eps[:, j:j + part])))
     return total / len(x_test)
 
 

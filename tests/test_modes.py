@@ -289,6 +289,20 @@ def test_iw_estimate_agrees_with_a_direct_computation():
     np.testing.assert_allclose(vae.iw_nll(model, x, eps).numpy(), expected, rtol=1e-4)
 
 
+def test_iw_estimate_of_a_test_set_is_the_mean_over_every_image_in_any_parts():
+    model = vae.VAE(z_dim=2)
+    x = tf.random.uniform([7, 784], seed=7)
+    model(x, tf.zeros([7, 2]))
+    # noise drawn for chunks of 3 images (3 x 4 samples x 784 pixels), as the estimate draws it
+    eps = [tf.random.stateless_normal([4, len(x[i:i + 3]), 2], seed=[9, k])
+           for k, i in enumerate(range(0, 7, 3))]
+    expected = np.mean(np.concatenate([vae.iw_nll(model, x[i:i + 3], e).numpy()
+                                       for i, e in zip(range(0, 7, 3), eps)]))
+    for decoded in (4, 8, 12):  # parts of 1, 2 (the last one short) and 3 images
+        estimate = vae.test_nll_iw(model, x, 4, 9, drawn_pixels=3 * 4 * 784, decoded=decoded)
+        assert estimate == pytest.approx(expected, rel=1e-6)
+
+
 def test_vae_run_modes_iw_bound_and_tensorboard(tiny_data, tmp_path):
     data_dir, _ = tiny_data
     history = vae.train(make_config(vae, data_dir, tmp_path, z_dim=2, beta=2.0, iw_samples=50,

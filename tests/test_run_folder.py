@@ -10,11 +10,13 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 import ae
 import utils
@@ -307,6 +309,56 @@ def test_ctrl_c_answers_at_once_and_twice_stops_at_once(tiny_data, tmp_path):
         "ae.py: stopped by SIGINT during epoch 2, which is lost; the checkpoint of epoch 1 is "
         f"kept; continue with: {utils.command_line('ae.py', '--out', out, '--resume')}"]
     assert epochs_in(out) == [1] and utils.resume_point(out)[0].endswith("ckpt-1")
+
+
+SLOW_FIRST_FILES = SLOW_SECOND_EPOCH.replace("utils.compile_epoch = slow", """utils.compile_epoch = slow
+save_images = utils.save_images
+def slow_save(images, path):
+    time.sleep(3 if path.endswith("_001.png") else 0)
+    save_images(images, path)
+utils.save_images = slow_save""")
+
+
+def test_stopping_at_once_still_writes_the_last_epochs_files(tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    out = str(tmp_path / "run")
+    child = subprocess.Popen([sys.executable, "-c", SLOW_FIRST_FILES.format(root=ROOT),
+                              "--data-dir", data_dir, "--out", out, "--epochs", "3", *TINY],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().startswith("data: Fashion-MNIST: 600 training")
+    assert child.stdout.readline().startswith("epoch 1/3")  # its grid takes 3 s to write
+    child.send_signal(signal.SIGINT)
+    assert "stopping after this epoch" in child.stderr.readline()
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=30)
+    assert child.returncode == 130 and "during epoch 2, which is lost" in err
+    assert os.path.exists(os.path.join(out, "rec_epoch_001.png")) and epochs_in(out) == [1]
+
+
+def test_the_files_of_an_epoch_are_written_while_the_next_one_trains(tiny_data, tmp_path,
+                                                                      monkeypatch, capsys):
+    data_dir, _ = tiny_data
+    out = str(tmp_path / "run")
+    events, reported = [], threading.Event()
+    save_images, report = utils.save_images, utils.Run.report
+
+    def slow_save(images, path):
+        reported.wait(10)  # written in line with the epochs, this would wait the 10 s out
+        time.sleep(2 if path.endswith("_003.png") else 0)  # the last grid, needed by the end
+        events.append(os.path.basename(path))
+        save_images(images, path)
+
+    def reporting(self, row, figures):
+        events.append(row["epoch"])
+        reported.set()
+        report(self, row, figures)
+    monkeypatch.setattr(utils, "save_images", slow_save)
+    monkeypatch.setattr(utils.Run, "report", reporting)
+    code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, "--epochs", 3, *TINY)
+    assert code == 0, err
+    assert events.index(1) < events.index("rec_epoch_001.png")
+    with Image.open(os.path.join(out, "progress.gif")) as gif:  # made once all grids are there
+        assert gif.n_frames == 3
 
 
 def test_ctrl_c_while_tensorflow_loads_is_one_line(tmp_path):
