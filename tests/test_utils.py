@@ -234,6 +234,30 @@ def test_written_files_get_the_usual_permissions(tmp_path):
 
 # --- compile_epoch ---------------------------------------------------------------------------
 
+def test_checkpoints_keep_the_newest_three_and_restore_whole(tmp_path):
+    directory = str(tmp_path / "checkpoints")
+    value, history = tf.Variable([1.0, 2.0]), tf.Variable("", dtype=tf.string)
+    checkpoint = tf.train.Checkpoint(value=value, run_history=history)
+    checkpoints = utils.Checkpoints(checkpoint, directory)
+    for epoch in range(1, 6):
+        value.assign([epoch, -epoch])
+        history.assign(f"rows 1-{epoch}")
+        checkpoints.save(epoch)
+    assert {f.split(".")[0] for f in os.listdir(directory) if f != "checkpoint"} == {"ckpt-3", "ckpt-4", "ckpt-5"}
+    assert tf.train.latest_checkpoint(directory) == os.path.join(directory, "ckpt-5")
+    state = tf.train.get_checkpoint_state(directory)
+    assert [os.path.basename(p) for p in state.all_model_checkpoint_paths] == ["ckpt-3", "ckpt-4", "ckpt-5"]
+    restored = tf.train.Checkpoint(value=tf.Variable([0.0, 0.0]), run_history=tf.Variable("", dtype=tf.string))
+    restored.restore(os.path.join(directory, "ckpt-4")).assert_existing_objects_matched()
+    assert restored.value.numpy().tolist() == [4.0, -4.0]
+    assert restored.run_history.numpy() == b"rows 1-4"
+    # continued from ckpt-4 (a resume): the newer ckpt-5 is written again, the oldest goes
+    again = utils.Checkpoints(checkpoint, directory, [os.path.join(directory, f"ckpt-{e}") for e in (3, 4)])
+    again.save(5)
+    again.save(6)
+    assert {f.split(".")[0] for f in os.listdir(directory) if f != "checkpoint"} == {"ckpt-4", "ckpt-5", "ckpt-6"}
+
+
 def test_compile_epoch_uses_each_example_once_and_weights_the_short_batch():
     """Batches of 4 from 10 examples: 4, 4, then 2. Each example's value is its index, so the
     epoch's mean is exact only when every example counts once, the last two included."""
