@@ -12,9 +12,8 @@ Measures, in one run on this machine (not collected by pytest):
      input gradients except for the first layer: 2 * (3 * forward MACs - first-layer MACs) * 60000;
      the FLOP-limit time is that over the rate of the models' own products;
   3. the training epoch of `python ae.py` / `python vae.py` run as users run them (the `seconds`
-     column of their history.csv, median over the epochs after the first two), and what runs
-     around training per epoch (test-set evaluation, grids, history row, checkpoint: the median
-     time between two epoch lines of the output, minus the training seconds), and peak memory;
+     column of their history.csv, median over the epochs after the first two), and peak memory
+     (what runs around training is --overhead's to measure);
   4. the same models and epochs (a fresh permutation, batches of 512, the short last batch kept,
      Adam 1e-3) trained by: the tutorial's eager GradientTape loop over tf.data batches; a loop
      calling one XLA-compiled tf.function per batch (so Python's per-batch dispatch stays, and
@@ -113,23 +112,19 @@ def training_flops(widths, n=60000):
 
 
 def run_script(script, epochs, data_dir, out, *args):
-    """Run `python script` as a user would: (median training s, median wall s between epoch
-    lines, peak RSS bytes)."""
+    """Run `python script` as a user would: (median training s, peak RSS bytes)."""
     cmd = [sys.executable, os.path.join(ROOT, script), "--epochs", str(epochs), "--out", out, *args]
     if data_dir:
         cmd += ["--data-dir", data_dir]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    stamps, peak = [], 0
-    for line in proc.stdout:
-        if line.startswith("epoch "):
-            stamps.append(time.perf_counter())
+    peak = 0
+    for _ in proc.stdout:
         peak = max(peak, peak_rss(proc.pid))
     if proc.wait():
         sys.exit(f"benchmark: {' '.join(cmd)} failed")
     with open(os.path.join(out, "history.csv")) as f:
         seconds = [float(row["seconds"]) for row in csv.DictReader(f)][2:]
-    walls = [b - a for a, b in zip(stamps, stamps[1:])][1:]  # walls[i]: epoch i + 3
-    return statistics.median(seconds), statistics.median(walls), peak
+    return statistics.median(seconds), peak
 
 
 def peak_rss(pid):
@@ -341,7 +336,7 @@ def main():
             results.setdefault((script, "script"), []).append(figures)
             for name, loop in loops.items():
                 figure = statistics.median(loop(script)[1:])
-                results.setdefault((script, name), []).append((figure, None, None))
+                results.setdefault((script, name), []).append((figure, None))
             print(f"run {repeat + 1}: {script}: " + ", ".join(
                 f"{name} {runs[-1][0]:.3f} s" for (s, name), runs in results.items() if s == script),
                 flush=True)
@@ -350,18 +345,18 @@ def main():
     print(f"\nfloat32 matmul 4096^3: {cube / 1e9:.0f} GFLOP/s", flush=True)
     peers = [name for name in loops if name in ("PyTorch", "JAX")]
     print("\n| script | s/epoch | GFLOP/epoch | own-shapes GFLOP/s | FLOP-limit s | ratio "
-          "| around training | peak RSS | eager loop | per-step tf.function | "
+          "| peak RSS | eager loop | per-step tf.function | "
           + " | ".join(peers) + (" | fastest peer / script" if peers else "") + " |")
-    print("|---" * (11 + len(peers) + bool(peers)) + "|")
+    print("|---" * (10 + len(peers) + bool(peers)) + "|")
     for script, widths in WIDTHS.items():
-        best = {name: min(runs) for (s, name), runs in results.items() if s == script}
-        train_s, wall_s, _ = best["script"]
-        peak = max(run[2] for run in results[(script, "script")])
+        best = {name: min(runs, key=lambda run: run[0]) for (s, name), runs in results.items()
+                if s == script}
+        train_s = best["script"][0]
+        peak = max(run[1] for run in results[(script, "script")])
         rate = shape_rate(widths)
         limit_s = training_flops(widths) / rate
         cells = [f"{train_s:.3f}", f"{training_flops(widths) / 1e9:.1f}", f"{rate / 1e9:.0f}",
-                 f"{limit_s:.3f}", f"{train_s / limit_s:.2f}x",
-                 f"+{100 * (wall_s - train_s) / train_s:.1f}%", f"{peak / 2**30:.2f} GiB"]
+                 f"{limit_s:.3f}", f"{train_s / limit_s:.2f}x", f"{peak / 2**30:.2f} GiB"]
         cells += [f"{best[name][0]:.3f} ({best[name][0] / train_s:.1f}x)" for name in ("eager", "per-step")]
         cells += [f"{best[name][0]:.3f}" for name in peers]
         if peers:
@@ -398,12 +393,12 @@ def timed_run(script, data_dir, out, *args):
 def evaluation_seconds(script, x_test):
     """Best time of the script's loss on the whole test set, XLA-compiled as in the scripts."""
     x = tf.constant(x_test.reshape(len(x_test), -1), tf.float32) / 255.0
-    if script == "ae.py":
-        model = ae.AE(20, 784)
-        evaluate = tf.function(lambda: ae.compute_loss(model, x, x), jit_compile=True)
-    else:
-        model, eps = vae.VAE(Z_DIM, 784), tf.random.normal([len(x_test), Z_DIM])
-        evaluate = tf.function(lambda: vae.compute_loss(model, x, eps), jit_compile=True)
+    model = ae.AE(20, 784) if script == "ae.py" else vae.VAE(Z_DIM, 784)
+    eps = tf.random.normal([len(x_test), Z_DIM])
+
+    @tf.function(jit_compile=True)
+    def evaluate():
+        return ae.compute_loss(model, x, x) if script == "ae.py" else vae.compute_loss(model, x, eps)
     return best_seconds(lambda: [float(v) for v in evaluate().values()], repeats=20)
 
 
@@ -491,8 +486,8 @@ def folder_benchmark(args):
         print("\n| ae.py data | s/epoch (best of runs) | peak RSS (largest) |\n|---|---|---|")
         for name, figures in runs.items():
             print(f"| {name} | {min(f[0] for f in figures):.3f} | "
-                  f"{max(f[2] for f in figures) / 2**30:.2f} GiB |")
-        extra = max(f[2] for f in runs["PNG folder"]) - max(f[2] for f in runs["IDX files"])
+                  f"{max(f[1] for f in figures) / 2**30:.2f} GiB |")
+        extra = max(f[1] for f in runs["PNG folder"]) - max(f[1] for f in runs["IDX files"])
         print(f"\npeak memory of the folder run minus the IDX run: {extra / 2**20:+.0f} MiB; the decoded "
               f"data: {decoded / 2**20:.0f} MiB; {device}; {args.epochs} epochs per run, "
               f"{args.repeats} runs each")
