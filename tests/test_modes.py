@@ -132,6 +132,40 @@ def test_adversarial_codes_end_nearer_the_prior_than_a_plain_autoencoders(traine
     assert png(out / "sample_epoch_010.png") == ("L", (280, 280))
 
 
+def test_with_batch_moments_appends_the_batch_mean_and_covariance():
+    z = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32) * [1, 2, 3] + [0, 1, -1]
+    z[:, 2] += z[:, 0]  # a correlated pair
+    out = ae.with_batch_moments(tf.constant(z)).numpy()
+    covariance = np.cov(z.T, bias=True)
+    expected = np.concatenate([z.mean(axis=0), covariance[np.triu_indices(3)]])
+    assert out.shape == (50, 3 + 3 + 6)
+    np.testing.assert_allclose(out[:, :3], z)
+    np.testing.assert_allclose(out[:, 3:], np.tile(expected, (50, 1)), rtol=1e-5, atol=1e-5)
+
+
+def slope_at(discriminator, z):
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        total = tf.reduce_sum(discriminator(z))
+    return float(tf.reduce_mean(tf.reduce_sum(tf.square(tape.gradient(total, z)), axis=-1)))
+
+
+def test_the_r1_penalty_keeps_the_discriminator_flat_at_the_prior(monkeypatch):
+    x, z_prior = tf.random.uniform([64, 784], seed=2), tf.random.normal([64, 2], seed=4)
+    slopes = {}
+    for weight in (0.0, 10.0):
+        monkeypatch.setattr(ae, "R1_WEIGHT", weight)
+        keras.utils.set_random_seed(0)
+        model, discriminator = ae.AE(2), ae.make_discriminator()
+        model(x)
+        discriminator(z_prior)
+        optimizer = keras.optimizers.SGD(0.05)
+        for _ in range(30):
+            ae.discriminator_step(model, discriminator, optimizer, x, z_prior)
+        slopes[weight] = slope_at(discriminator, z_prior)
+    assert slopes[10.0] < slopes[0.0] / 2
+
+
 def test_the_discriminator_learns_to_tell_prior_from_codes_and_the_encoder_to_fool_it():
     """The labels' direction: prior samples are real (1), codes fake (0), and the encoder's
     update raises the discriminator's belief that its codes are real."""
