@@ -160,7 +160,7 @@ def test_the_r1_penalty_keeps_the_discriminator_flat_at_the_prior(monkeypatch):
         model(x)
         discriminator(z_prior)
         optimizer = keras.optimizers.SGD(0.05)
-        for _ in range(30):
+        for _ in range(15):
             ae.discriminator_step(model, discriminator, optimizer, x, z_prior)
         slopes[weight] = slope_at(discriminator, z_prior)
     assert slopes[10.0] < slopes[0.0] / 2

@@ -286,6 +286,11 @@ def slow(*args):
         return train_epoch(x)
     return epoch
 utils.compile_epoch = slow
+save_images = utils.save_images
+def slow_save(images, path):  # the first epoch's grid is still being written when Ctrl-C comes
+    time.sleep(1 if path.endswith("_001.png") else 0)
+    save_images(images, path)
+utils.save_images = slow_save
 sys.argv[0] = "ae.py"
 ae.main()
 """
@@ -310,30 +315,7 @@ def test_ctrl_c_answers_at_once_and_twice_stops_at_once(tiny_data, tmp_path):
         "ae.py: stopped by SIGINT during epoch 2, which is lost; the checkpoint of epoch 1 is "
         f"kept; continue with: {utils.command_line('ae.py', '--out', out, '--resume')}"]
     assert epochs_in(out) == [1] and utils.resume_point(out)[0].endswith("ckpt-1")
-
-
-SLOW_FIRST_FILES = SLOW_SECOND_EPOCH.replace("utils.compile_epoch = slow", """utils.compile_epoch = slow
-save_images = utils.save_images
-def slow_save(images, path):
-    time.sleep(3 if path.endswith("_001.png") else 0)
-    save_images(images, path)
-utils.save_images = slow_save""")
-
-
-def test_stopping_at_once_still_writes_the_last_epochs_files(tiny_data, tmp_path):
-    data_dir, _ = tiny_data
-    out = str(tmp_path / "run")
-    child = subprocess.Popen([sys.executable, "-c", SLOW_FIRST_FILES.format(root=ROOT),
-                              "--data-dir", data_dir, "--out", out, "--epochs", "3", *TINY],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert child.stdout.readline().startswith("data: Fashion-MNIST: 600 training")
-    assert child.stdout.readline().startswith("epoch 1/3")  # its grid takes 3 s to write
-    child.send_signal(signal.SIGINT)
-    assert "stopping after this epoch" in child.stderr.readline()
-    child.send_signal(signal.SIGINT)
-    _, err = child.communicate(timeout=30)
-    assert child.returncode == 130 and "during epoch 2, which is lost" in err
-    assert os.path.exists(os.path.join(out, "rec_epoch_001.png")) and epochs_in(out) == [1]
+    assert os.path.exists(os.path.join(out, "rec_epoch_001.png"))  # written before the exit
 
 
 def test_the_files_of_an_epoch_are_written_while_the_next_one_trains(tiny_data, tmp_path,
