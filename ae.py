@@ -104,9 +104,11 @@ R1_WEIGHT = 1.0
 
 def discriminator_step(model, discriminator, optimizer, x_in, z_prior):
     """One update of the discriminator only: prior samples are real (1), codes are fake (0).
-    Returns its cross-entropy; the update also takes the R1 penalty (Mescheder et al. 2018),
-    R1_WEIGHT / 2 times the squared gradient of its logit at the prior samples, which keeps it
-    from growing steep where the codes should go and leaving the encoder no slope to follow."""
+    Returns its cross-entropy; the update also takes an R1 penalty (Mescheder et al. 2018),
+    R1_WEIGHT / 2 times the squared gradient of the batch's summed logits at each prior sample
+    (averaged over the samples; through the batch moments too, so it also flattens the
+    discriminator's response to them), which keeps it from growing steep where the codes should
+    go and leaving the encoder no slope to follow."""
     z = model.encoder(x_in)
     with tf.GradientTape() as tape:
         with tf.GradientTape() as at_prior:

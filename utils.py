@@ -1204,8 +1204,8 @@ class Checkpoints:
         self.write(tf.constant(prefix))
         self.kept = [p for p in self.kept if p != prefix] + [prefix]
         self.record()
-        for old in self.kept[:-self.KEEP]:
-            for path in glob.glob(glob.escape(old) + ".*"):
+        for old in self.kept[:-self.KEEP]:  # the index last: while it is there, the rest is found
+            for path in sorted(glob.glob(glob.escape(old) + ".*"), key=lambda p: p.endswith(".index")):
                 os.remove(path)
         self.kept = self.kept[-self.KEEP:]
 
@@ -1516,8 +1516,10 @@ class Run:
             self.checkpointed_flags = self.flags
             self.history.append(row)
         grids = grids if epoch % self.config.grid_every == 0 or epoch == self.config.epochs else {}
+        self.writing = True  # until self.pending holds the job, so a second signal waits
         self.pending = self.files.submit(self.write_files, row, list(self.history), grids,
                                          not self.wrote)
+        self.writing = False
         self.wrote = True
         self.report(row, figures)
 
@@ -1543,10 +1545,10 @@ class Run:
     def flush(self):
         """Wait for the background writer to finish the last epoch's files; a failed write
         stops the run here, in one line (see writing_files)."""
-        pending, self.pending = self.pending, None
-        if pending:
-            with self.writing_files():
-                pending.result()
+        if self.pending:
+            with self.writing_files():  # a second signal meanwhile waits for it
+                self.pending.result()
+            self.pending = None
 
     def report(self, row, figures):
         """A progress bar over the epochs on a terminal; one line per epoch otherwise."""

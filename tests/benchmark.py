@@ -409,6 +409,8 @@ def overhead_benchmark(args):
                                 channels=None, test_split=0.1, strict=False, max_memory=None)
     data = utils.load_data(config)
     utils.SampleQuality(data, "benchmark")  # trained once per machine, then read from its cache
+    if args.epochs_given and args.epochs < 2:
+        sys.exit("benchmark: --overhead needs --epochs 2 or more (the time between two epochs)")
     extra = ["--epochs", str(args.epochs)] if args.epochs_given else []
     runs = {script: [] for script in WIDTHS}
     for repeat in range(args.repeats):
@@ -418,7 +420,7 @@ def overhead_benchmark(args):
             r = runs[script][-1]
             print(f"run {repeat + 1}: python {script} {' '.join(extra)}: {r['wall']:.1f} s wall, "
                   f"{r['train']:.1f} s training", flush=True)
-    print("\n| command | wall | training | around training | start-up | per epoch | end "
+    print("\n| command | wall | training | around training | start-up | between epochs | end "
           "| test-set evaluation | files | size |\n" + "|---" * 10 + "|")
     for script, figures in runs.items():
         r = sorted(figures, key=lambda r: (r["wall"] - r["train"]) / r["wall"])[len(figures) // 2]
