@@ -347,7 +347,7 @@ def main():
     print("\n| script | s/epoch | GFLOP/epoch | own-shapes GFLOP/s | FLOP-limit s | ratio "
           "| peak RSS | eager loop | per-step tf.function | "
           + " | ".join(peers) + (" | fastest peer / script" if peers else "") + " |")
-    print("|---" * (10 + len(peers) + bool(peers)) + "|")
+    print("|---" * (9 + len(peers) + bool(peers)) + "|")
     for script, widths in WIDTHS.items():
         best = {name: min(runs, key=lambda run: run[0]) for (s, name), runs in results.items()
                 if s == script}
