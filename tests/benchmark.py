@@ -111,20 +111,31 @@ def training_flops(widths, n=60000):
     return 2 * (3 * sum(macs) - macs[0]) * n
 
 
-def run_script(script, epochs, data_dir, out, *args):
-    """Run `python script` as a user would: (median training s, peak RSS bytes)."""
-    cmd = [sys.executable, os.path.join(ROOT, script), "--epochs", str(epochs), "--out", out, *args]
+def run_script(script, data_dir, out, *args):
+    """Run `python script` as a user would: {"seconds": history.csv's seconds column, "stamps":
+    when each epoch line appeared and "wall": when it ended, in seconds from its start, "peak":
+    its peak RSS in bytes}."""
+    cmd = [sys.executable, os.path.join(ROOT, script), "--out", out, *args]
     if data_dir:
         cmd += ["--data-dir", data_dir]
+    start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    peak = 0
-    for _ in proc.stdout:
+    stamps, peak = [], 0
+    for line in proc.stdout:
+        if line.startswith("epoch "):
+            stamps.append(time.perf_counter() - start)
         peak = max(peak, peak_rss(proc.pid))
     if proc.wait():
         sys.exit(f"benchmark: {' '.join(cmd)} failed")
     with open(os.path.join(out, "history.csv")) as f:
-        seconds = [float(row["seconds"]) for row in csv.DictReader(f)][2:]
-    return statistics.median(seconds), peak
+        seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
+    return {"seconds": seconds, "stamps": stamps, "wall": time.perf_counter() - start, "peak": peak}
+
+
+def epoch_and_peak(run):
+    """A script run's figures for the speed table: (median training s after the first two
+    epochs, peak RSS bytes)."""
+    return statistics.median(run["seconds"][2:]), run["peak"]
 
 
 def peak_rss(pid):
@@ -332,7 +343,8 @@ def main():
         for script in WIDTHS:
             # the script first, in its own process, while this one's thread pools are idle
             with tempfile.TemporaryDirectory() as out:
-                figures = run_script(script, args.epochs, args.data_dir, out)
+                figures = epoch_and_peak(run_script(script, args.data_dir, out, "--epochs",
+                                                    str(args.epochs)))
             results.setdefault((script, "script"), []).append(figures)
             for name, loop in loops.items():
                 figure = statistics.median(loop(script)[1:])
@@ -368,20 +380,9 @@ def main():
           f"2-{args.loop_epochs}); best of {args.repeats} runs each")
 
 
-def timed_run(script, data_dir, out, *args):
-    """Run `python script` as a user would; the parts of its wall time, in seconds, and what it
-    left in out."""
-    cmd = [sys.executable, os.path.join(ROOT, script), "--out", out, *args]
-    if data_dir:
-        cmd += ["--data-dir", data_dir]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    stamps = [time.perf_counter() - start for line in proc.stdout if line.startswith("epoch ")]
-    if proc.wait():
-        sys.exit(f"benchmark: {' '.join(cmd)} failed")
-    wall = time.perf_counter() - start
-    with open(os.path.join(out, "history.csv")) as f:
-        seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
+def time_parts(run, out):
+    """The parts of a script run's wall time, in seconds, and what it left in out."""
+    seconds, stamps, wall = run["seconds"], run["stamps"], run["wall"]
     between = [b - a - s for a, b, s in zip(stamps, stamps[1:], seconds[1:])]
     files = [os.path.join(folder, name) for folder, _, names in os.walk(out) for name in names]
     return {"wall": wall, "train": sum(seconds), "epochs": len(seconds),
@@ -416,7 +417,7 @@ def overhead_benchmark(args):
     for repeat in range(args.repeats):
         for script in WIDTHS:
             with tempfile.TemporaryDirectory() as out:
-                runs[script].append(timed_run(script, args.data_dir, out, *extra))
+                runs[script].append(time_parts(run_script(script, args.data_dir, out, *extra), out))
             r = runs[script][-1]
             print(f"run {repeat + 1}: python {script} {' '.join(extra)}: {r['wall']:.1f} s wall, "
                   f"{r['train']:.1f} s training", flush=True)
@@ -483,8 +484,9 @@ def folder_benchmark(args):
         for _ in range(args.repeats):
             for name, extra in (("IDX files", []), ("PNG folder", ["--dataset", root])):
                 with tempfile.TemporaryDirectory() as out:
-                    runs[name].append(run_script("ae.py", args.epochs, None if extra else args.data_dir,
-                                                 out, *extra))
+                    runs[name].append(epoch_and_peak(run_script(
+                        "ae.py", None if extra else args.data_dir, out, "--epochs", str(args.epochs),
+                        *extra)))
         print("\n| ae.py data | s/epoch (best of runs) | peak RSS (largest) |\n|---|---|---|")
         for name, figures in runs.items():
             print(f"| {name} | {min(f[0] for f in figures):.3f} | "
