@@ -1,5 +1,6 @@
 """Shared fixtures: tiny Fashion-MNIST-shaped IDX files written by the tests themselves."""
 
+import atexit
 import gzip
 import os
 import shutil
@@ -11,8 +12,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Keras's home (its data cache, the scripts' classifier cache) in a folder of the tests' own
+# Keras's home (its data cache, the scripts' classifier cache) in a folder of the tests' own,
+# removed when they end
 os.environ["KERAS_HOME"] = tempfile.mkdtemp(prefix="keras-home-")
+atexit.register(shutil.rmtree, os.environ["KERAS_HOME"], ignore_errors=True)
 
 import utils  # noqa: E402
 
