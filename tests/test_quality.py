@@ -128,6 +128,17 @@ def test_samples_nearer_the_data_score_better(trained):
     assert quality.of(test)["samples"] < quality.of(one_class)["samples"]
 
 
+def test_sample_sets_of_any_size_and_float_type_reuse_one_traced_function(trained, capfd):
+    _, quality, _ = trained
+    rng = np.random.default_rng(6)
+    traced = quality.features.experimental_get_tracing_count()
+    for n in (60, 70, 1100, 1200):
+        for dtype in (np.float32, np.float64):
+            assert quality.of(rng.uniform(0, 1, (n, 64)).astype(dtype))["samples"] > 0
+    assert quality.features.experimental_get_tracing_count() == traced == 1
+    assert capfd.readouterr().err == ""  # nothing from TensorFlow
+
+
 def test_the_classifier_is_the_same_whatever_ran_before(trained, tmp_path, monkeypatch):
     import keras
     keras.random.normal([100])  # what a run does before: draws from the global random state
