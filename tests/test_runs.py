@@ -4,6 +4,7 @@ import csv
 import glob
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,7 +36,14 @@ def without_seconds(rows):
 def test_resumed_run_matches_an_uninterrupted_one(tiny_data, tmp_path, script, extra):
     data_dir, _ = tiny_data
     script.train(make_config(script, data_dir, tmp_path / "whole", epochs=4, seed=7, **extra))
-    script.train(make_config(script, data_dir, tmp_path / "split", epochs=2, seed=7, **extra))
+    # the run as if stopped after epoch 2 (one training less than running it): the whole run's
+    # folder without the checkpoints, grids and history rows of epochs 3 and 4
+    shutil.copytree(tmp_path / "whole", tmp_path / "split")
+    for pattern in ("checkpoints/ckpt-[34].*", "*_epoch_00[34].png"):
+        for path in glob.glob(str(tmp_path / "split" / pattern)):
+            os.remove(path)
+    utils.write_history(str(tmp_path / "split" / "history.csv"), read_history(tmp_path / "whole")[:2])
+    assert utils.resume_point(str(tmp_path / "split"))[0].endswith("ckpt-2")
     script.train(make_config(script, data_dir, tmp_path / "split", epochs=4, seed=7, resume=True, **extra))
     whole, split = read_history(tmp_path / "whole"), read_history(tmp_path / "split")
     assert [r["epoch"] for r in split] == ["1", "2", "3", "4"]  # appended, none lost or doubled
@@ -48,7 +56,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tiny_data, tmp_path, script, e
         with open(tmp_path / "whole" / f"{name}_epoch_004.png", "rb") as f1, \
                 open(tmp_path / "split" / f"{name}_epoch_004.png", "rb") as f2:
             assert f1.read() == f2.read()
-    if script is vae:  # the same seed gave the same run twice (whole, split); another, another
+    if script is vae:  # another seed, another run (the same seed, the same: test_a_second_run...)
         script.train(make_config(script, data_dir, tmp_path / "other", epochs=2, seed=8, **extra))
         for a, b in zip(whole, read_history(tmp_path / "other")):
             assert without_seconds([a]) != without_seconds([b])
@@ -69,8 +77,11 @@ def test_a_second_run_does_not_mix_with_the_first(finished_run):
     with pytest.raises(utils.UserError, match="already holds a run.*--resume.*--overwrite"):
         ae.train(make_config(ae, data_dir, tmp_path, epochs=1, h_dim=6))
     assert sorted(os.listdir(tmp_path)) == before
+    first = read_history(tmp_path)[0]
     ae.train(make_config(ae, data_dir, tmp_path, epochs=1, h_dim=6, overwrite=True))
-    assert [r["epoch"] for r in read_history(tmp_path)] == ["1"]
+    again = read_history(tmp_path)
+    assert [r["epoch"] for r in again] == ["1"]
+    assert without_seconds(again) == without_seconds([first])  # the same seed, the same run
     assert not os.path.exists(tmp_path / "rec_epoch_002.png")
     assert (tmp_path / "notes.txt").read_text() == "mine"  # only the run's own files go
 
