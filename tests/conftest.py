@@ -1,7 +1,9 @@
 """Shared fixtures: tiny Fashion-MNIST-shaped IDX files written by the tests themselves."""
 
 import atexit
+import contextlib
 import gzip
+import io
 import os
 import shutil
 import sys
@@ -60,12 +62,23 @@ def tiny_data(tmp_path_factory):
     return folder, write_dataset(folder)
 
 
+class Terminal(io.StringIO):
+    """Standard output as a terminal has it (where the scripts show a progress bar)."""
+
+    def isatty(self):
+        return True
+
+
 @pytest.fixture(scope="session")
 def template_run(tiny_data, tmp_path_factory):
+    """A two-epoch ae.py run (--h-dim 6 --batch-size 100), as on a terminal: (its folder, the
+    history train returned, what it printed)."""
     import ae
     out = str(tmp_path_factory.mktemp("template") / "run")
-    ae.train(make_config(ae, tiny_data[0], out, h_dim=6))
-    return out
+    terminal = Terminal()
+    with contextlib.redirect_stdout(terminal):
+        history = ae.train(make_config(ae, tiny_data[0], out, h_dim=6))
+    return out, history, terminal.getvalue()
 
 
 @pytest.fixture
@@ -73,7 +86,7 @@ def finished_run(tiny_data, template_run, tmp_path):
     """A copy of a finished two-epoch ae.py run (--h-dim 6 --batch-size 100) in tmp_path/run:
     (data folder, run folder)."""
     out = str(tmp_path / "run")
-    shutil.copytree(template_run, out)
+    shutil.copytree(template_run[0], out)
     return tiny_data[0], out
 
 

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -11,7 +12,6 @@ import tensorflow as tf
 from PIL import Image
 
 import ae
-from conftest import make_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,12 +35,10 @@ def test_loss_is_bce_per_pixel():
     assert float(losses["mse"]) == pytest.approx(np.mean((p - xn) ** 2), rel=1e-5)
 
 
-def test_two_epochs_end_to_end(tiny_data, tmp_path, monkeypatch, capsys):
-    data_dir, _ = tiny_data
-    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # on a terminal: a progress bar
-    history = ae.train(make_config(ae, data_dir, tmp_path, h_dim=8))
-    out = capsys.readouterr().out
-    assert "2/2" in out and "test_bce" in out and "epoch 1/2  train bce" not in out
+def test_two_epochs_end_to_end(template_run):
+    folder, history, out = template_run
+    tmp_path = pathlib.Path(folder)
+    assert "2/2" in out and "test_bce" in out and "epoch 1/2  train bce" not in out  # a progress bar
     assert [row["epoch"] for row in history] == [1, 2]
     with open(tmp_path / "history.csv") as f:
         rows = list(csv.DictReader(f))

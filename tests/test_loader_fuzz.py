@@ -1,7 +1,6 @@
 """Property-based test: the loader meets mutated files with its one clear error, nothing else."""
 
 import gzip
-import os
 import tracemalloc
 
 import numpy as np

@@ -316,6 +316,7 @@ def test_ctrl_c_answers_at_once_and_twice_stops_at_once(tiny_data, tmp_path):
         f"kept; continue with: {utils.command_line('ae.py', '--out', out, '--resume')}"]
     assert epochs_in(out) == [1] and utils.resume_point(out)[0].endswith("ckpt-1")
     assert os.path.exists(os.path.join(out, "rec_epoch_001.png"))  # written before the exit
+    assert not glob.glob(os.path.join(glob.escape(out), ".tmp-*"))  # and nothing half-written
 
 
 def test_the_files_of_an_epoch_are_written_while_the_next_one_trains(tiny_data, tmp_path,

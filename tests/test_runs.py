@@ -6,8 +6,6 @@ import os
 import pathlib
 import shutil
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,8 +15,6 @@ import ae
 import utils
 import vae
 from conftest import make_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read_history(out):
@@ -111,29 +107,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(finished_run, 
     assert sorted(os.listdir(tmp_path / "checkpoints")) == checkpoints
     assert [r["epoch"] for r in read_history(tmp_path)] == ["1", "2"]
     assert not os.path.exists(tmp_path / "rec_epoch_003.png")
-
-
-def test_sigint_saves_the_last_epoch_and_says_how_to_resume(tiny_data, tmp_path):
-    sig, code = signal.SIGINT, 130  # SIGTERM: test_run_folder.py, in this process
-    data_dir, _ = tiny_data
-    out = str(tmp_path / "run")
-    cmd = [sys.executable, os.path.join(ROOT, "ae.py"), "--data-dir", data_dir, "--out", out,
-           "--h-dim", "6", "--batch-size", "100"]
-    child = subprocess.Popen(cmd + ["--epochs", "10000"], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    for line in child.stdout:
-        if line.startswith("epoch 2/"):
-            child.send_signal(sig)
-            break
-    _, err = child.communicate(timeout=60)
-    assert child.returncode == code
-    last = err.strip().splitlines()[-1]
-    assert "Traceback" not in err and "--resume" in last
-    done = int(last.split("after epoch ")[1].split(",")[0])
-    rows = read_history(out)
-    assert [int(r["epoch"]) for r in rows] == list(range(1, done + 1))
-    assert tf.train.latest_checkpoint(os.path.join(out, "checkpoints")).endswith(f"ckpt-{done}")
-    assert not glob.glob(os.path.join(out, ".tmp-*"))
 
 
 def test_saved_weights_load_into_a_new_model(tiny_data, finished_run):

@@ -1,6 +1,9 @@
-"""vae.py: the model, the closed-form KL against Monte Carlo, the loss by hand, a short run."""
+"""vae.py: the model, the closed-form KL against Monte Carlo, the loss by hand, a short run end
+to end (beta, the latent map, the importance-weighted bound, TensorBoard)."""
 
 import csv
+import glob
+import json
 
 import numpy as np
 import pytest
@@ -60,9 +63,10 @@ def test_loss_is_summed_bce_plus_kl_averaged_over_the_batch():
     assert float(losses["loss"]) == pytest.approx(rec + kl, rel=1e-5)
 
 
-def test_two_epochs_end_to_end(tiny_data, tmp_path):
+def test_two_epochs_end_to_end_with_beta_a_2d_map_the_iw_bound_and_tensorboard(tiny_data, tmp_path):
     data_dir, _ = tiny_data
-    vae.train(make_config(vae, data_dir, tmp_path, z_dim=4))
+    history = vae.train(make_config(vae, data_dir, tmp_path, z_dim=2, beta=2.0, iw_samples=50,
+                                    logdir=str(tmp_path / "tb")))
     with open(tmp_path / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
@@ -70,7 +74,20 @@ def test_two_epochs_end_to_end(tiny_data, tmp_path):
                              "test_rec", "test_kl", "test_loss", "beta", "test_bits_per_dim"]
     assert float(rows[1]["test_loss"]) < float(rows[0]["test_loss"])
     assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
-    for name in ("rec", "sample"):
+    assert [row["beta"] for row in history] == [2.0, 2.0]
+    for name in ("rec", "sample", "manifold"):  # the latent map, as the codes are 2-D
         for epoch in (1, 2):
             img = Image.open(tmp_path / f"{name}_epoch_{epoch:03d}.png")
             assert img.mode == "L" and img.size == (280, 280)
+    img = Image.open(tmp_path / "interpolation.png")
+    assert img.mode == "L" and img.size == (280, 280)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["test_nll_iw"] < summary["test_neg_elbo"]
+    # TensorBoard got every column of history.csv and every grid, for each epoch
+    tags = {}
+    for path in glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, set()).add(event.step)
+    expected = (set(history[0]) - {"epoch"}) | {"rec", "sample", "manifold"}
+    assert expected <= set(tags) and all(tags[t] == {1, 2} for t in expected)
