@@ -4,6 +4,7 @@ import atexit
 import contextlib
 import gzip
 import io
+import json
 import os
 import shutil
 import sys
@@ -88,6 +89,24 @@ def finished_run(tiny_data, template_run, tmp_path):
     out = str(tmp_path / "run")
     shutil.copytree(template_run[0], out)
     return tiny_data[0], out
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_data, tmp_path_factory):
+    """The same ten epochs (a learning rate and a step count at which the tiny data are learnt)
+    as a plain, an adversarial (also denoising: three optimizers, two decaying rates, noise) and
+    a denoising autoencoder: {name: (out folder, summary, config)}."""
+    import ae
+    data_dir, _ = tiny_data
+    runs = {}
+    for name, flags in (("plain", {}), ("adversarial", {"adversarial": True, "noise": 0.5}),
+                        ("denoising", {"noise": 0.5})):
+        out = tmp_path_factory.mktemp(name)
+        config = make_config(ae, data_dir, out, h_dim=4, epochs=10, batch_size=20, lr=3e-3,
+                             eval_noise=0.5, **flags)
+        ae.train(config)
+        runs[name] = out, json.loads((out / "summary.json").read_text()), config
+    return runs
 
 
 def main(capsys, script, *args):

@@ -1,5 +1,6 @@
 """Runs you can trust: exact resume, refusals, the divergence guard, signals, weights, TensorBoard."""
 
+import argparse
 import csv
 import glob
 import os
@@ -26,36 +27,51 @@ def without_seconds(rows):
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
-# the adversarial denoiser: three optimizers, two decaying rates, the discriminator, noise
-@pytest.mark.parametrize("script, extra", [(ae, {"h_dim": 6, "adversarial": True, "noise": 0.3}),
-                                           (vae, {"z_dim": 3})])
-def test_resumed_run_matches_an_uninterrupted_one(tiny_data, tmp_path, script, extra):
-    data_dir, _ = tiny_data
-    script.train(make_config(script, data_dir, tmp_path / "whole", epochs=4, seed=7, **extra))
-    # the run as if stopped after epoch 2 (one training less than running it): the whole run's
-    # folder without the checkpoints, grids and history rows of epochs 3 and 4
-    shutil.copytree(tmp_path / "whole", tmp_path / "split")
-    for pattern in ("checkpoints/ckpt-[34].*", "*_epoch_00[34].png"):
-        for path in glob.glob(str(tmp_path / "split" / pattern)):
+def check_resume_from_two_epochs_before_the_end(script, config, whole, tmp_path):
+    """A copy of the finished run in whole (made by config), as if stopped two epochs before its
+    end (without the checkpoints, grids and history rows of its last two epochs), continued with
+    --resume: the same history and last grids as the uninterrupted run. (What a run's first
+    epochs write does not depend on how many epochs follow, so the copy stands for a shorter run.)"""
+    n = config.epochs
+    split = tmp_path / "split"
+    shutil.copytree(whole, split)
+    for name in (f"checkpoints/ckpt-{e}.*" for e in (n - 1, n)):
+        for path in glob.glob(str(split / name)):
             os.remove(path)
-    utils.write_history(str(tmp_path / "split" / "history.csv"), read_history(tmp_path / "whole")[:2])
-    assert utils.resume_point(str(tmp_path / "split"))[0].endswith("ckpt-2")
-    script.train(make_config(script, data_dir, tmp_path / "split", epochs=4, seed=7, resume=True, **extra))
-    whole, split = read_history(tmp_path / "whole"), read_history(tmp_path / "split")
-    assert [r["epoch"] for r in split] == ["1", "2", "3", "4"]  # appended, none lost or doubled
-    for a, b in zip(whole, split):
+    for path in glob.glob(str(split / f"*_epoch_{n - 1:03d}.png")) + glob.glob(str(split / f"*_epoch_{n:03d}.png")):
+        os.remove(path)
+    utils.write_history(str(split / "history.csv"), read_history(whole)[:n - 2])
+    assert utils.resume_point(str(split))[0].endswith(f"ckpt-{n - 2}")
+    script.train(argparse.Namespace(**dict(vars(config), out=str(split), resume=True)))
+    rows_whole, rows_split = read_history(whole), read_history(split)
+    assert [r["epoch"] for r in rows_split] == [str(e) for e in range(1, n + 1)]  # none lost or doubled
+    for a, b in zip(rows_whole, rows_split):
         for key in a:
             if key.startswith(("test_", "train_")):
                 assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-6, abs=0), (a, b)
     # the fixed probes came back from the checkpoint: the last grids are the same
     for name in ("rec", "sample"):
-        with open(tmp_path / "whole" / f"{name}_epoch_004.png", "rb") as f1, \
-                open(tmp_path / "split" / f"{name}_epoch_004.png", "rb") as f2:
+        with open(whole / f"{name}_epoch_{n:03d}.png", "rb") as f1, \
+                open(split / f"{name}_epoch_{n:03d}.png", "rb") as f2:
             assert f1.read() == f2.read()
-    if script is vae:  # another seed, another run (the same seed, the same: test_a_second_run...)
-        script.train(make_config(script, data_dir, tmp_path / "other", epochs=2, seed=8, **extra))
-        for a, b in zip(whole, read_history(tmp_path / "other")):
-            assert without_seconds([a]) != without_seconds([b])
+
+
+def test_resumed_adversarial_denoiser_matches_an_uninterrupted_one(trained, tmp_path):
+    """Three optimizers, two decaying rates, the discriminator, the noise."""
+    whole, _, config = trained["adversarial"]
+    check_resume_from_two_epochs_before_the_end(ae, config, whole, tmp_path)
+
+
+def test_resumed_vae_matches_an_uninterrupted_one_and_another_seed_gives_another_run(tiny_data,
+                                                                                      tmp_path):
+    data_dir, _ = tiny_data
+    config = make_config(vae, data_dir, tmp_path / "whole", epochs=4, seed=7, z_dim=3)
+    vae.train(config)
+    check_resume_from_two_epochs_before_the_end(vae, config, tmp_path / "whole", tmp_path)
+    # the same seed, the same run: test_a_second_run_does_not_mix_with_the_first
+    vae.train(make_config(vae, data_dir, tmp_path / "other", epochs=2, seed=8, z_dim=3))
+    for a, b in zip(read_history(tmp_path / "whole"), read_history(tmp_path / "other")):
+        assert without_seconds([a]) != without_seconds([b])
 
 
 def test_resume_refuses_a_different_model(finished_run):
