@@ -11,6 +11,7 @@ whose codes follow N(0, I) (--adversarial, Makhzani et al. 2015), the codes as f
 (--export-codes) and the comparison with PCA (--compare-pca). summary.json sums the run up.
 """
 
+import argparse
 import os
 import time
 
@@ -342,9 +343,9 @@ def make_parser():
                         help="noise of the test inputs for summary.json's test_bce_from_noisy")
     parser.add_argument("--adversarial", action="store_true",
                         help="adversarial autoencoder: a discriminator pushes the codes to N(0, I)")
-    parser.add_argument("--export-codes", action="store_true",
+    parser.add_argument("--export-codes", action=argparse.BooleanOptionalAction, default=False,
                         help="write the train and test codes (with their labels, if any) to codes.npz")
-    parser.add_argument("--compare-pca", action="store_true",
+    parser.add_argument("--compare-pca", action=argparse.BooleanOptionalAction, default=False,
                         help="compare with PCA of --h-dim components: pca_vs_ae.json and .png")
     return parser
 

@@ -931,7 +931,7 @@ def make_parser(description, epochs, out):
     parser.add_argument("--test-split", type=test_fraction, default=0.1, metavar="F",
                         help="share of a folder's images that form the test set, chosen by a hash "
                         "of each file's path (without train/ and test/ folders)")
-    parser.add_argument("--strict", action="store_true",
+    parser.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
                         help="stop at an unreadable image file instead of skipping it")
     parser.add_argument("--max-memory", type=parse_bytes, default=None, metavar="BYTES",
                         help="refuse data whose pixels need more memory, like 8G (default: half "
@@ -1380,10 +1380,13 @@ class Run:
         have: --resume, and the flags given now that the checkpoint does not hold yet."""
         args = ["--out", self.out, "--resume"]
         for name in sorted(RESUMABLE_FLAGS):
-            value = self.flags.get(name)
-            if value is None or value is False or value == self.checkpointed_flags.get(name):
-                continue  # the same, or not expressible as a flag (a flag can only switch on)
-            args += [f"--{name.replace('_', '-')}"] + ([] if value is True else [str(value)])
+            value, flag = self.flags.get(name), name.replace("_", "-")
+            if value is None or value == self.checkpointed_flags.get(name):
+                continue  # the same, or the default of a flag with a value (--logdir)
+            if isinstance(value, bool):  # an on/off flag: --strict, --no-strict
+                args.append(f"--{'' if value else 'no-'}{flag}")
+            else:
+                args += [f"--{flag}", str(value)]
         return command_line(self.prog, *args)
 
     def call(self, fn, *args):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -158,6 +159,28 @@ def test_resume_may_change_what_the_readme_allows(finished_run, capsys):
     assert code == 0, err
     assert epochs_in(out) == [1, 2, 3] and os.path.exists(os.path.join(out, "pca_vs_ae.json"))
     assert json.load(open(os.path.join(out, "run.json")))["flags"]["epochs"] == 3
+    # an on/off flag the run now holds switches off again
+    os.remove(os.path.join(out, "pca_vs_ae.json"))
+    code, err, text = main(capsys, ae, "--out", out, "--resume", "--epochs", 4, "--no-compare-pca")
+    assert code == 0, err
+    assert epochs_in(out) == [1, 2, 3, 4] and not os.path.exists(os.path.join(out, "pca_vs_ae.json"))
+    assert json.load(open(os.path.join(out, "run.json")))["flags"]["compare_pca"] is False
+
+
+def test_the_resume_command_printed_gives_the_flags_changed_since_the_checkpoint():
+    """Stopped before the first checkpoint of a resumed run: the command to paste carries what
+    was given then (on/off flags either way), and parsed back it gives those values."""
+    config = ae.make_parser().parse_args([])
+    checkpointed = dict(vars(config), epochs=3, compare_pca=True, strict=False, eval_noise=0.3)
+    now = dict(checkpointed, epochs=5, compare_pca=False, strict=True, eval_noise=0.1)
+    run = types.SimpleNamespace(prog="ae.py", out="runs/ae 1", flags=now,
+                                checkpointed_flags=checkpointed)
+    command = shlex.split(utils.Run.resume_command(run))
+    assert command[:5] == ["python", "ae.py", "--out", "runs/ae 1", "--resume"]
+    assert sorted(command[5:]) == sorted(["--epochs", "5", "--no-compare-pca", "--strict",
+                                          "--eval-noise", "0.1"])
+    pasted = ae.make_parser().parse_args(command[2:])
+    assert (pasted.epochs, pasted.compare_pca, pasted.strict, pasted.eval_noise) == (5, False, True, 0.1)
 
 
 # --- 5, 6: damaged checkpoints and files --------------------------------------------------------
