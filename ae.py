@@ -184,9 +184,11 @@ def input_bce(x_in, x, chunk=1000):
                                          for i in range(0, x.shape[0], chunk)])))
 
 
-def encode(model, x, chunk=10000):
-    """Codes of images x (n, pixels) in [0, 1], computed in chunks; a NumPy array (n, h_dim)."""
-    return np.concatenate([model.encoder(x[i:i + chunk]).numpy() for i in range(0, len(x), chunk)])
+def encode(model, images, chunk=10000):
+    """Codes of uint8 images (n, h, w, c), converted and encoded chunk by chunk; a NumPy array
+    (n, h_dim)."""
+    return np.concatenate([model.encoder(to_float(images[i:i + chunk])).numpy()
+                           for i in range(0, len(images), chunk)])
 
 
 def to_float(images):
@@ -198,14 +200,21 @@ def compare_with_pca(config, model, data):
     """PCA with --h-dim components against the autoencoder on the test set: reconstruction BCE
     and MSE, and, where the data have labels, 5-nearest-neighbour accuracy on the codes. Writes
     pca_vs_ae.json and .png."""
-    x_train_f, x_test_f = to_float(data.x_train), to_float(data.x_test)
     y_train, y_test = data.y_train, data.y_test
-    mean, components = utils.fit_pca(x_train_f, config.h_dim)
-    pca_train, pca_test = (x_train_f - mean) @ components.T, (x_test_f - mean) @ components.T
+    # the PCA of the pixels as stored (0-255, no float copy of the training set): the same
+    # directions as that of the pixels / 255, and 255 times the mean
+    mean, components = utils.fit_pca(data.x_train.reshape(len(data.x_train), -1), config.h_dim)
+    mean = mean / 255.0
+
+    def pca_codes(images, chunk=10000):
+        return np.concatenate([(to_float(images[i:i + chunk]) - mean) @ components.T
+                               for i in range(0, len(images), chunk)])
+    pca_train, pca_test = pca_codes(data.x_train), pca_codes(data.x_test)
+    x_test_f = to_float(data.x_test)
     # PCA's reconstructions are not probabilities: clipped to [0, 1], and BCE taken as Keras
     # takes it on probabilities (clipped to [1e-7, 1 - 1e-7])
     pca_rec = np.clip(pca_test @ components + mean, 0.0, 1.0).astype(np.float32)
-    ae_train, ae_test = encode(model, x_train_f), encode(model, x_test_f)
+    ae_train, ae_test = encode(model, data.x_train), encode(model, data.x_test)
     figures = {
         "pca": {"bce": float(np.mean(keras.losses.binary_crossentropy(x_test_f, pca_rec))),
                 "mse": float(np.mean((pca_rec - x_test_f) ** 2))},
@@ -232,6 +241,8 @@ def train(config):
     """Train an AE as config says, writing into config.out; return the history rows."""
     started = time.perf_counter()
     data = utils.load_data(config)
+    if config.compare_pca:
+        utils.check_pca_memory(config, len(data.x_train), data.pixels)
     with utils.Run(config, "ae.py", data) as run:
         data.report("ae.py")
         # uint8, scaled per batch in the step
@@ -301,11 +312,11 @@ def train(config):
             "eval_noise": config.eval_noise,
             "test_bce_from_noisy": float(test_bce_from_noisy),
             "identity_bce_noisy": float(identity_bce_noisy),
-            **utils.code_statistics(encode(model, x_test)),
+            **utils.code_statistics(encode(model, data.x_test)),
         }
         if config.export_codes:
-            codes = {"train_codes": encode(model, to_float(data.x_train)),
-                     "test_codes": encode(model, to_float(data.x_test))}
+            codes = {"train_codes": encode(model, data.x_train),
+                     "test_codes": encode(model, data.x_test)}
             if data.y_train is not None:
                 codes.update(train_labels=data.y_train, test_labels=data.y_test)
             utils.write_atomically(os.path.join(config.out, "codes.npz"),

@@ -303,7 +303,7 @@ def load_data(config):
     if config.data_dir and dataset not in ("fashion-mnist", "mnist"):
         raise DataError(f"--data-dir is for --dataset fashion-mnist or mnist; --dataset {dataset} "
                         "names the data itself")
-    limit = config.max_memory or available_memory() // 2
+    limit = memory_limit(config)
     if dataset == "fashion-mnist":
         (x_train, y_train), (x_test, y_test) = load_fashion_mnist(config.data_dir)
         return from_arrays("Fashion-MNIST", x_train, y_train, x_test, y_test, config, limit,
@@ -334,6 +334,12 @@ def load_data(config):
                     "mnist, a folder of images or an .npz file)")
 
 
+def memory_limit(config):
+    """The most memory the data, and what is computed from them at once, may take: --max-memory,
+    else half of the memory available."""
+    return config.max_memory or available_memory() // 2
+
+
 def available_memory():
     """Bytes of memory available to a new allocation (Linux's MemAvailable), else the total."""
     try:
@@ -354,10 +360,24 @@ def check_memory(where, n, shape, config, limit):
     """Refuse data whose decoded pixels (n x height x width x channels bytes) exceed limit."""
     need = n * int(np.prod(shape))
     if need > limit:
-        what = "--max-memory" if config.max_memory else "half the memory available"
         raise DataError(f"{where}: {n:,} images of {'x'.join(map(str, shape))} need "
-                        f"{size_text(need)} in memory, more than {what} ({size_text(limit)}); "
+                        f"{size_text(need)} in memory, more than {limit_text(config, limit)}; "
                         "use a smaller --image-size or fewer images, or raise --max-memory")
+
+
+def check_pca_memory(config, n, d):
+    """Refuse --compare-pca, before a run starts, where its PCA would need more than the memory
+    limit (see pca_bytes)."""
+    need, limit = pca_bytes(n, d), memory_limit(config)
+    if need > limit:
+        raise UserError(f"--compare-pca: the PCA of {n:,} images of {d:,} values needs about "
+                        f"{size_text(need)} of memory, more than {limit_text(config, limit)}; "
+                        "use a smaller --image-size, leave out --compare-pca, or raise --max-memory")
+
+
+def limit_text(config, limit):
+    what = "--max-memory" if config.max_memory else "half the memory available"
+    return f"{what} ({size_text(limit)})"
 
 
 def check_counts(where, n_train, n_test, advice):
@@ -1645,19 +1665,38 @@ COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 
 
-def fit_pca(x, k):
-    """Principal component analysis by SVD of the centred data.
+def pca_bytes(n, d):
+    """About the most memory fit_pca takes for n rows of d values (its float64 matrix, min(n, d)
+    x d, and what LAPACK works in beside it)."""
+    return 3 * 8 * min(n, d) * d
+
+
+def fit_pca(x, k, chunk=4096):
+    """Principal component analysis, exact: by SVD of the centred data where there are fewer rows
+    than columns, else from the d x d scatter matrix, summed over chunks of rows, so memory grows
+    with min(n, d) x d (see pca_bytes), never with a float copy of many rows.
 
     Args:
-        x: (n, d) array; k: number of components.
+        x: (n, d) array of any numeric type (uint8 pixels too); k: number of components.
     Returns:
-        (mean, components): (d,) and (k, d), the components orthonormal, by falling variance.
+        (mean, components): (d,) and (k, d), the components orthonormal, by falling variance,
+        each signed so that its largest coordinate is positive (an SVD's signs are arbitrary).
         Codes are (x - mean) @ components.T; reconstructions codes @ components + mean.
     """
-    x = np.asarray(x, np.float64)
-    mean = x.mean(0)
-    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
-    return mean, vt[:k]
+    n, d = x.shape
+    mean = sum(np.sum(x[i:i + chunk], 0, dtype=np.float64) for i in range(0, n, chunk)) / n
+    if n < d:
+        _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+        components = vt[:k]
+    else:
+        scatter = np.zeros((d, d))
+        for i in range(0, n, chunk):
+            centred = x[i:i + chunk] - mean
+            scatter += centred.T @ centred
+        _, vectors = np.linalg.eigh(scatter)  # eigenvalues rising
+        components = vectors[:, ::-1][:, :k].T
+    largest = components[np.arange(len(components)), np.abs(components).argmax(1)]
+    return mean, components * np.sign(largest)[:, None]
 
 
 def knn_accuracy(train_codes, train_labels, test_codes, test_labels, k=5, chunk=1000):
@@ -1834,11 +1873,12 @@ class SampleQuality:
     def statistics(self, images):
         """Mean and covariance of the features of images: uint8 (n, h, w, c), or floats in
         [0, 1] with h * w * c values per image."""
+        def floats(chunk):  # converted chunk by chunk: a float copy of the training set is big
+            if chunk.dtype == np.uint8:
+                chunk = chunk.astype(np.float32) / 255.0
+            return chunk.astype(np.float32, copy=False).reshape(-1, *self.shape)
         images = np.asarray(images)
-        if images.dtype == np.uint8:
-            images = images.astype(np.float32) / 255.0
-        images = images.astype(np.float32, copy=False).reshape(-1, *self.shape)
-        features = np.concatenate([self.features(images[i:i + 1000]).numpy()
+        features = np.concatenate([self.features(floats(images[i:i + 1000])).numpy()
                                    for i in range(0, len(images), 1000)]).astype(np.float64)
         return features.mean(0), np.cov(features, rowvar=False)
 

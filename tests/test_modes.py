@@ -12,7 +12,7 @@ from PIL import Image
 import ae
 import utils
 import vae
-from conftest import make_config
+from conftest import main, make_config
 
 
 def png(path):
@@ -222,6 +222,46 @@ def test_pca_reconstructs_data_in_a_k_dimensional_subspace_exactly():
     np.testing.assert_allclose(components @ components.T, np.eye(3), atol=1e-12)
     _, two = utils.fit_pca(x, 2)
     assert np.abs(((x - mean) @ two.T) @ two + mean - x).max() > 0.01  # one direction short
+
+
+@pytest.mark.parametrize("n, d", [(500, 40), (30, 40)])  # the scatter matrix; the SVD of fewer rows
+def test_pca_of_uint8_pixels_in_chunks_is_the_svd_of_the_centred_floats(n, d):
+    rng = np.random.default_rng(4)
+    x = (rng.normal(size=(n, 5)) @ rng.normal(size=(5, d)) * 20 + 128
+         + rng.normal(size=(n, d)) * 3).clip(0, 255).astype(np.uint8)
+    centred = x - x.mean(0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    k = 4
+    for chunk in (7, 4096):
+        mean, components = utils.fit_pca(x, k, chunk=chunk)
+        np.testing.assert_allclose(mean, x.mean(0), rtol=1e-12)
+        signs = np.sign((components * vt[:k]).sum(1))  # the same direction, either way round
+        np.testing.assert_allclose(components, vt[:k] * signs[:, None], atol=1e-8)
+        top = components[np.arange(k), np.abs(components).argmax(1)]
+        assert (top > 0).all()  # signed as the docstring says, so runs agree
+
+
+def test_pca_of_many_rows_takes_no_float_copy_of_them():
+    """The PCA of a big training set (--compare-pca) must not need a float64 copy of it (8 times
+    its uint8 pixels), only the d x d scatter matrix and a chunk."""
+    import tracemalloc
+    x = np.random.default_rng(5).integers(0, 256, (20000, 64), dtype=np.uint8)
+    tracemalloc.start()
+    utils.fit_pca(x, 3)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < x.size * 8 / 2, peak
+
+
+def test_compare_pca_beyond_the_memory_limit_is_refused_before_the_run_starts(tiny_data, tmp_path, capsys):
+    data_dir, _ = tiny_data  # 700 images of 784 pixels fit in 1 MiB; their PCA needs 11 MiB
+    out = tmp_path / "run"
+    code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, "--max-memory", "1M",
+                        "--compare-pca")
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("ae.py: error: --compare-pca: the PCA of 600 images of 784 values "
+                             "needs about 10.8 MiB of memory, more than --max-memory (1.0 MiB)")
+    assert not out.exists()
 
 
 def test_knn_accuracy_on_separable_and_on_mixed_classes():
