@@ -1666,9 +1666,10 @@ COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 
 def pca_bytes(n, d):
-    """About the most memory fit_pca takes for n rows of d values (its float64 matrix, min(n, d)
-    x d, and what LAPACK works in beside it)."""
-    return 3 * 8 * min(n, d) * d
+    """About the most memory fit_pca takes for n rows of d values: its float64 matrix, min(n, d)
+    x d, and what LAPACK works in beside it (measured: 5 times the matrix, 6.0 GB for 20,000
+    images of 64x64x3)."""
+    return 6 * 8 * min(n, d) * d
 
 
 def fit_pca(x, k, chunk=4096):
@@ -1699,8 +1700,10 @@ def fit_pca(x, k, chunk=4096):
     return mean, components * np.sign(largest)[:, None]
 
 
-def knn_accuracy(train_codes, train_labels, test_codes, test_labels, k=5, chunk=1000):
-    """Accuracy of a k-nearest-neighbour vote (Euclidean; a tie goes to the nearer class)."""
+def knn_accuracy(train_codes, train_labels, test_codes, test_labels, k=5, chunk=256):
+    """Accuracy of a k-nearest-neighbour vote (Euclidean; a tie goes to the nearer class).
+    Test codes go chunk at a time: the distances of a chunk to every training code stay small
+    enough to be fast (1,000 at a time against 60,000 took twice as long)."""
     train_codes = np.asarray(train_codes, np.float32)
     train_sq = (train_codes ** 2).sum(1)
     correct = 0
