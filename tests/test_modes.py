@@ -273,6 +273,19 @@ def test_knn_accuracy_on_separable_and_on_mixed_classes():
     assert utils.knn_accuracy(codes[:200], shuffled[:200], codes[200:], shuffled[200:]) < 0.6
 
 
+def test_knn_among_duplicate_codes_takes_the_earliest_whatever_the_chunk():
+    """Icon sets hold many copies of one image, so codes repeat: of codes at the same distance,
+    the earlier ones count, however many test codes go at a time."""
+    rng = np.random.default_rng(3)
+    point = rng.normal(size=20) * 30  # large codes: rounded distances of copies may differ
+    far = rng.normal(size=(500, 20)) * 30 + 1000
+    train = np.concatenate([far[:250], np.tile(point, (5, 1)), far[250:], np.tile(point, (100, 1))])
+    labels = np.concatenate([np.zeros(250, int), np.full(5, 3), np.zeros(250, int), np.ones(100, int)])
+    test = point + rng.normal(size=(40, 20)) * 1e-3
+    for chunk in (1, 7, 256):
+        assert utils.knn_accuracy(train, labels, test, np.full(40, 3), chunk=chunk) == 1.0
+
+
 def test_export_codes_and_compare_pca(tiny_data, tmp_path):
     data_dir, ((x_train, y_train), (x_test, y_test)) = tiny_data
     ae.train(make_config(ae, data_dir, tmp_path, h_dim=3, export_codes=True, compare_pca=True))
