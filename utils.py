@@ -1717,7 +1717,7 @@ def knn_accuracy(train_codes, train_labels, test_codes, test_labels, k=5, chunk=
     correct = 0
     for start in range(0, len(test_codes), chunk):
         q = np.asarray(test_codes[start:start + chunk], np.float64)
-        rounded = train_sq[None, :] - 2 * q.astype(np.float32) @ train_32.T
+        rounded = train_sq[None, :] - 2 * q.astype(np.float32) @ train_32.T  # + |q|^2 for each row
         near = np.argpartition(rounded, m - 1, axis=1)[:, :m]
         exact = ((train_codes[near] - q[:, None, :]) ** 2).sum(2)
         nearest = np.take_along_axis(near, np.lexsort((near, exact))[:, :k], 1)  # nearest first
