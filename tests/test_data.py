@@ -205,9 +205,10 @@ def test_bad_folders_get_one_line(tmp_path, case, message):
 def test_data_beyond_max_memory_are_refused_before_decoding(tmp_path, monkeypatch):
     write_split_folder(tmp_path, size=(20, 30))
     monkeypatch.setattr(utils, "decode_image", lambda job: pytest.fail("decoded"))
-    with pytest.raises(utils.DataError, match=r"110 images of 20x30x1 need 0.1 MiB in memory, more "
-                       r"than --max-memory \(0.0 MiB\); use a smaller --image-size"):
-        utils.load_data(config(tmp_path, max_memory=1000))
+    # 66,000 bytes of pixels, which a run holds about three times over
+    with pytest.raises(utils.DataError, match=r"110 images of 20x30x1 need about 0.2 MiB of memory "
+                       r"to train on, more than --max-memory \(0.1 MiB\); use a smaller --image-size"):
+        utils.load_data(config(tmp_path, max_memory=100000))
     monkeypatch.setattr(utils, "available_memory", lambda: 2 * 1000)
     with pytest.raises(utils.DataError, match=r"more than half the memory available"):
         utils.load_data(config(tmp_path))
