@@ -92,7 +92,7 @@ def finished_run(tiny_data, template_run, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def trained(tiny_data, tmp_path_factory):
+def autoencoders(tiny_data, tmp_path_factory):
     """The same ten epochs (a learning rate and a step count at which the tiny data are learnt)
     as a plain, an adversarial (also denoising: three optimizers, two decaying rates, noise) and
     a denoising autoencoder: {name: (out folder, summary, config)}."""

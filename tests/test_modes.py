@@ -50,8 +50,8 @@ def test_corrupt_adds_scaled_noise_and_clips():
     np.testing.assert_allclose(ae.corrupt(x, 0.2, noise), [[0.0, 0.6, 1.0, 0.6]], rtol=1e-6)
 
 
-def test_the_denoiser_cleans_noisy_inputs_better_than_a_plain_autoencoder(trained):
-    plain, denoising = trained["plain"][1], trained["denoising"][1]
+def test_the_denoiser_cleans_noisy_inputs_better_than_a_plain_autoencoder(autoencoders):
+    plain, denoising = autoencoders["plain"][1], autoencoders["denoising"][1]
     assert denoising["test_bce_from_noisy"] < plain["test_bce_from_noisy"] - 0.005
     assert denoising["identity_bce_noisy"] == plain["identity_bce_noisy"]  # the same test noise
 
@@ -67,8 +67,8 @@ def test_triplet_grid_puts_noisy_output_clean_side_by_side():
         assert (grid[k] == expected).all(), (r, c)
 
 
-def test_denoising_run_writes_triplet_grids(trained):
-    out = trained["denoising"][0]
+def test_denoising_run_writes_triplet_grids(autoencoders):
+    out = autoencoders["denoising"][0]
     grid = np.array(Image.open(out / "rec_epoch_010.png")).reshape(10, 28, 10, 28)
     # the noisy inputs (columns 0, 3, 6) are the clean originals (2, 5, 8) plus noise
     noisy, clean = grid[:, :, 0:9:3].astype(float), grid[:, :, 2:9:3].astype(float)
@@ -107,9 +107,9 @@ def test_each_adversarial_update_touches_only_its_players_variables():
     assert all(moved[:len(enc)]) and not any(moved[len(enc):])
 
 
-def test_adversarial_codes_end_nearer_the_prior_than_a_plain_autoencoders(trained):
-    out, adversarial, _ = trained["adversarial"]
-    plain = trained["plain"][1]
+def test_adversarial_codes_end_nearer_the_prior_than_a_plain_autoencoders(autoencoders):
+    out, adversarial, _ = autoencoders["adversarial"]
+    plain = autoencoders["denoising"][1]  # the same but for the adversarial part
     assert adversarial["code_mean_abs"] < plain["code_mean_abs"] / 1.5
     assert adversarial["code_std_dev_from_1"] < plain["code_std_dev_from_1"] / 3
     assert {"train_disc", "train_gen"} <= set(adversarial["final"])
@@ -276,14 +276,16 @@ def test_knn_accuracy_on_separable_and_on_mixed_classes():
 def test_knn_among_duplicate_codes_takes_the_earliest_whatever_the_chunk():
     """Icon sets hold many copies of one image, so codes repeat: of codes at the same distance,
     the earlier ones count, however many test codes go at a time."""
-    rng = np.random.default_rng(3)
-    point = rng.normal(size=20) * 30  # large codes: rounded distances of copies may differ
-    far = rng.normal(size=(500, 20)) * 30 + 1000
-    train = np.concatenate([far[:250], np.tile(point, (5, 1)), far[250:], np.tile(point, (100, 1))])
-    labels = np.concatenate([np.zeros(250, int), np.full(5, 3), np.zeros(250, int), np.ones(100, int)])
-    test = point + rng.normal(size=(40, 20)) * 1e-3
-    for chunk in (1, 7, 256):
-        assert utils.knn_accuracy(train, labels, test, np.full(40, 3), chunk=chunk) == 1.0
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        point = rng.normal(size=20) * 30  # large codes: rounded distances of copies may differ
+        far = rng.normal(size=(500, 20)) * 30 + 1000
+        # more copies than any fixed shortlist would hold
+        train = np.concatenate([far[:250], np.tile(point, (5, 1)), far[250:], np.tile(point, (100, 1))])
+        labels = np.concatenate([np.zeros(250, int), np.full(5, 3), np.zeros(250, int), np.ones(100, int)])
+        for test in (np.tile(point, (40, 1)), point + rng.normal(size=(40, 20)) * 1e-3):
+            for chunk in (1, 7, 256):
+                assert utils.knn_accuracy(train, labels, test, np.full(40, 3), chunk=chunk) == 1.0
 
 
 def test_export_codes_and_compare_pca(tiny_data, tmp_path):
@@ -298,6 +300,14 @@ def test_export_codes_and_compare_pca(tiny_data, tmp_path):
     for method in ("pca", "ae"):
         assert set(figures[method]) == {"bce", "mse", "knn_accuracy"}
         assert 0 <= figures[method]["knn_accuracy"] <= 1 and figures[method]["mse"] > 0
+    # PCA's figures as NumPy's SVD of the pixels in [0, 1] gives them
+    x, t = (a.reshape(len(a), -1) / 255.0 for a in (x_train, x_test))
+    _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    rec = np.clip((t - x.mean(0)) @ vt[:3].T @ vt[:3] + x.mean(0), 0, 1)
+    p = np.clip(rec, 1e-7, 1 - 1e-7)
+    assert figures["pca"]["mse"] == pytest.approx(np.mean((rec - t) ** 2), rel=1e-4)
+    assert figures["pca"]["bce"] == pytest.approx(-np.mean(t * np.log(p) + (1 - t) * np.log(1 - p)),
+                                                  rel=1e-3)
     mode, (width, height) = png(tmp_path / "pca_vs_ae.png")
     assert mode == "RGB" and width > 2 * height
     assert json.loads((tmp_path / "summary.json").read_text())["pca_vs_ae"] == figures

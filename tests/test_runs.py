@@ -56,9 +56,9 @@ def check_resume_from_two_epochs_before_the_end(script, config, whole, tmp_path)
             assert f1.read() == f2.read()
 
 
-def test_resumed_adversarial_denoiser_matches_an_uninterrupted_one(trained, tmp_path):
+def test_resumed_adversarial_denoiser_matches_an_uninterrupted_one(autoencoders, tmp_path):
     """Three optimizers, two decaying rates, the discriminator, the noise."""
-    whole, _, config = trained["adversarial"]
+    whole, _, config = autoencoders["adversarial"]
     check_resume_from_two_epochs_before_the_end(ae, config, whole, tmp_path)
 
 
