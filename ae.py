@@ -242,7 +242,7 @@ def train(config):
     started = time.perf_counter()
     data = utils.load_data(config)
     if config.compare_pca:
-        utils.check_pca_memory(config, len(data.x_train), data.pixels)
+        utils.check_pca_memory(config, data)
     with utils.Run(config, "ae.py", data) as run:
         data.report("ae.py")
         # uint8, scaled per batch in the step

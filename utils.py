@@ -373,14 +373,18 @@ def check_memory(where, n, shape, config, limit):
                         "images, or raise --max-memory")
 
 
-def check_pca_memory(config, n, d):
-    """Refuse --compare-pca, before a run starts, where its PCA would need more than the memory
-    limit (see pca_bytes)."""
-    need, limit = pca_bytes(n, d), memory_limit(config)
-    if need > limit:
+def check_pca_memory(config, data):
+    """Refuse --compare-pca, before a run starts, where its PCA (see pca_bytes), beside what the
+    run holds (see check_memory), would need more than the memory limit."""
+    n, d = len(data.x_train), data.pixels
+    pca = pca_bytes(n, d)
+    held = int(MEMORY_PER_PIXEL_BYTE * (n + len(data.x_test)) * d)
+    limit = memory_limit(config)
+    if pca + held > limit:
         raise UserError(f"--compare-pca: the PCA of {n:,} images of {d:,} values needs about "
-                        f"{size_text(need)} of memory, more than {limit_text(config, limit)}; "
-                        "use a smaller --image-size, leave out --compare-pca, or raise --max-memory")
+                        f"{size_text(pca)} of memory beside the {size_text(held)} the run holds, "
+                        f"more than {limit_text(config, limit)}; use a smaller --image-size, leave "
+                        "out --compare-pca, or raise --max-memory")
 
 
 def limit_text(config, limit):
@@ -1673,14 +1677,17 @@ COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207))
 
 
+PCA_CHUNK = 4096  # rows fit_pca converts to float64 at a time
+
+
 def pca_bytes(n, d):
     """About the most memory fit_pca takes for n rows of d values: its float64 matrix, min(n, d)
-    x d, and what LAPACK works in beside it (measured: 5 times the matrix, 6.0 GB for 20,000
-    images of 64x64x3)."""
-    return 6 * 8 * min(n, d) * d
+    x d, what LAPACK works in beside it (measured: 5 times the matrix, 6.0 GB for 20,000 images
+    of 64x64x3), and a chunk of rows in float64 with its centred copy."""
+    return 6 * 8 * min(n, d) * d + 2 * 8 * min(n, PCA_CHUNK) * d
 
 
-def fit_pca(x, k, chunk=4096):
+def fit_pca(x, k, chunk=PCA_CHUNK):
     """Principal component analysis, exact: by SVD of the centred data where there are fewer rows
     than columns, else from the d x d scatter matrix, summed over chunks of rows, so memory grows
     with min(n, d) x d (see pca_bytes), never with a float copy of many rows.
