@@ -184,11 +184,16 @@ def input_bce(x_in, x, chunk=1000):
                                          for i in range(0, x.shape[0], chunk)])))
 
 
-def encode(model, images, chunk=10000):
-    """Codes of uint8 images (n, h, w, c), converted and encoded chunk by chunk; a NumPy array
-    (n, h_dim)."""
-    return np.concatenate([model.encoder(to_float(images[i:i + chunk])).numpy()
-                           for i in range(0, len(images), chunk)])
+def in_chunks(fn, images, chunk=10000):
+    """fn (returning a NumPy array) of uint8 images (n, h, w, c) as floats (n, pixels) in
+    [0, 1], converted and computed chunk by chunk (no float copy of a whole training set); the
+    rows joined."""
+    return np.concatenate([fn(to_float(images[i:i + chunk])) for i in range(0, len(images), chunk)])
+
+
+def encode(model, images):
+    """Codes of uint8 images (n, h, w, c); a NumPy array (n, h_dim)."""
+    return in_chunks(lambda x: model.encoder(x).numpy(), images)
 
 
 def to_float(images):
@@ -205,11 +210,8 @@ def compare_with_pca(config, model, data):
     # directions as that of the pixels / 255, and 255 times the mean
     mean, components = utils.fit_pca(data.x_train.reshape(len(data.x_train), -1), config.h_dim)
     mean = mean / 255.0
-
-    def pca_codes(images, chunk=10000):
-        return np.concatenate([(to_float(images[i:i + chunk]) - mean) @ components.T
-                               for i in range(0, len(images), chunk)])
-    pca_train, pca_test = pca_codes(data.x_train), pca_codes(data.x_test)
+    pca_train, pca_test = (in_chunks(lambda x: (x - mean) @ components.T, images)
+                           for images in (data.x_train, data.x_test))
     x_test_f = to_float(data.x_test)
     # PCA's reconstructions are not probabilities: clipped to [0, 1], and BCE taken as Keras
     # takes it on probabilities (clipped to [1e-7, 1 - 1e-7])
