@@ -362,10 +362,15 @@ def size_text(n):
 MEMORY_PER_PIXEL_BYTE = 3.5
 
 
+def run_bytes(n, pixels):
+    """About the memory a run holds for n images of pixels bytes each."""
+    return int(MEMORY_PER_PIXEL_BYTE * n * pixels)
+
+
 def check_memory(where, n, shape, config, limit):
-    """Refuse data whose run would need more than limit: MEMORY_PER_PIXEL_BYTE times their
-    decoded pixels (n x height x width x channels bytes)."""
-    need = int(MEMORY_PER_PIXEL_BYTE * n * int(np.prod(shape)))
+    """Refuse data whose run would need more than limit (see run_bytes; n x height x width x
+    channels bytes of pixels)."""
+    need = run_bytes(n, int(np.prod(shape)))
     if need > limit:
         raise DataError(f"{where}: {n:,} images of {'x'.join(map(str, shape))} need about "
                         f"{size_text(need)} of memory to train on, more than "
@@ -375,10 +380,10 @@ def check_memory(where, n, shape, config, limit):
 
 def check_pca_memory(config, data):
     """Refuse --compare-pca, before a run starts, where its PCA (see pca_bytes), beside what the
-    run holds (see check_memory), would need more than the memory limit."""
+    run holds (see run_bytes), would need more than the memory limit."""
     n, d = len(data.x_train), data.pixels
     pca = pca_bytes(n, d)
-    held = int(MEMORY_PER_PIXEL_BYTE * (n + len(data.x_test)) * d)
+    held = run_bytes(n + len(data.x_test), d)
     limit = memory_limit(config)
     if pca + held > limit:
         raise UserError(f"--compare-pca: the PCA of {n:,} images of {d:,} values needs about "
