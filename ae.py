@@ -269,14 +269,13 @@ def train(config):
         generator = tf.random.Generator.from_seed(config.seed)  # shuffling and noise
         z_prior = tf.random.stateless_normal([100, config.h_dim], seed=[config.seed, 2])
 
+        def evaluate():  # the test figures and the grids' images, in the epoch's compiled call
+            samples = tf.sigmoid(model.decoder(z_prior)) if config.adversarial else None
+            return compute_loss(model, x_test_in, x_test), tf.sigmoid(model(x_probe_in)), samples
+
         names = [config.loss] + (["disc", "gen"] if config.adversarial else [])
         train_step = make_train_step(config, model, optimizers, generator, discriminator)
-        train_epoch = utils.compile_epoch(train_step, names, generator, config.batch_size)
-
-        @tf.function(jit_compile=True)
-        def evaluate(x_in, x):
-            samples = tf.sigmoid(model.decoder(z_prior)) if config.adversarial else None
-            return compute_loss(model, x_in, x), tf.sigmoid(model(x_probe_in)), samples
+        train_epoch = utils.compile_epoch(train_step, names, generator, config.batch_size, evaluate)
 
         tracked = dict(model=model, generator=generator, **optimizers)
         if discriminator is not None:
@@ -284,11 +283,10 @@ def train(config):
         first = run.restore(**tracked)
         for epoch in run.epochs(first):
             start = time.perf_counter()
-            train_losses = {k: float(v) for k, v in run.call(train_epoch, x_train).items()}
+            train_losses, (test_losses, x_hat, samples) = run.call(train_epoch, x_train)
             seconds = time.perf_counter() - start
-            test_losses, x_hat, samples = evaluate(x_test_in, x_test)
             row = {"epoch": epoch, "seconds": round(seconds, 3)}
-            row.update({f"train_{k}": v for k, v in train_losses.items()})
+            row.update({f"train_{k}": float(v) for k, v in train_losses.items()})
             row.update({f"test_{k}": float(v) for k, v in test_losses.items()})
             grids = {"rec": (utils.triplet_grid(x_probe_in, x_hat, x_probe, data.shape)
                              if config.noise else utils.pair_grid(x_probe, x_hat, data.shape))}
@@ -304,7 +302,7 @@ def train(config):
         # What every run reports: denoising from fixed noise, and how Gaussian the codes are
         x_noisy = corrupt(x_test, config.eval_noise,
                           tf.random.stateless_normal(x_test.shape, seed=EVAL_NOISE_SEED))
-        test_bce_from_noisy = evaluate(x_noisy, x_test)[0]["bce"]  # compiled already
+        test_bce_from_noisy = tf.function(compute_loss, jit_compile=True)(model, x_noisy, x_test)["bce"]
         identity_bce_noisy = input_bce(x_noisy, x_test)
         summary = {
             "flags": vars(config),

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 
 # What TensorFlow prints while it loads on a machine without a GPU, although nothing is wrong:
 # held back. Every other line it prints then (a real warning or error) is passed on at once.
@@ -1281,7 +1282,7 @@ class Run:
         with utils.Run(config, "ae.py", data) as run:
             first = run.restore(model=model, optimizer=optimizer, generator=generator)
             for epoch in run.epochs(first):
-                losses = run.call(train_epoch, x_train)
+                losses, test = run.call(train_epoch, x_train)
                 ...
                 run.end_epoch(row, grids, "train bce 0.2850  test bce 0.2865")
             run.save_weights(model, "ae.weights.h5")
@@ -1861,7 +1862,8 @@ class SampleQuality:
         folder = os.path.join(os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras")),
                               "autoencoder-classifiers")
         key = hashlib.sha256((data.description()["sha256"] + CLASSIFIER).encode()).hexdigest()[:20]
-        weights, facts = (os.path.join(folder, key + suffix) for suffix in (".weights.h5", ".json"))
+        weights, facts, test = (os.path.join(folder, key + suffix)
+                                for suffix in (".weights.h5", ".json", ".test-features.npz"))
         self.shape = data.shape
         model = make_classifier(data.shape, len(data.class_names))
         try:
@@ -1879,16 +1881,21 @@ class SampleQuality:
         # CPU, with the same numbers
         self.features = tf.function(lambda x: features(x, training=False), autograph=False,
                                     input_signature=[tf.TensorSpec([None, *data.shape], tf.float32)])
-        self.test = self.statistics(data.x_test)
+        self.test = None if trained else read_statistics(test)
+        if self.test is not None:
+            return
+        self.test = self.statistics(data.x_test)  # kept too: half the time of a distance
         if trained:
             self.facts["test_vs_train"] = frechet_distance(*self.statistics(data.x_train), *self.test)
-            try:
-                os.makedirs(folder, exist_ok=True)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            if trained:
                 write_atomically(weights, model.save_weights)
                 write_json(facts, self.facts)
-            except OSError as e:
-                print(f"{prog}: cannot keep the classifier in {folder} ({e.strerror}); it will be "
-                      "trained again next time", file=sys.stderr, flush=True)
+            write_atomically(test, lambda tmp: np.savez(tmp, mean=self.test[0], cov=self.test[1]))
+        except OSError as e:
+            print(f"{prog}: cannot keep the classifier's files in {folder} ({e.strerror}); they "
+                  "will be made again next time", file=sys.stderr, flush=True)
 
     def train(self, model, data, prog):
         print(f"{prog}: training the classifier that measures sample quality, once for these "
@@ -1923,6 +1930,18 @@ class SampleQuality:
         return {"samples": frechet_distance(*self.statistics(samples), *self.test),
                 "test_vs_train": self.facts["test_vs_train"],
                 "classifier_test_accuracy": self.facts["test_accuracy"]}
+
+
+def read_statistics(path):
+    """The (mean, covariance) that SampleQuality kept at path; None where it is missing or damaged."""
+    try:
+        with np.load(path) as f:
+            mean, cov = f["mean"], f["cov"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    if mean.ndim != 1 or cov.shape != (len(mean), len(mean)):
+        return None
+    return mean, cov
 
 
 def frechet_distance(mean1, cov1, mean2, cov2):
@@ -1962,7 +1981,7 @@ def sample_quality(data, prog, samples_fn, n):
 # ---------------------------------------------------------------------------------------------
 
 
-def compile_epoch(train_step, names, generator, batch_size):
+def compile_epoch(train_step, names, generator, batch_size, after=None):
     """Build a compiled function that runs one epoch of train_step over a shuffled data set.
 
     The data stay in memory as uint8; each epoch draws a fresh permutation from generator (whose
@@ -1975,8 +1994,11 @@ def compile_epoch(train_step, names, generator, batch_size):
         names: the keys of train_step's dict.
         generator: a tf.random.Generator.
         batch_size: examples per step.
+        after: fn() run in the same call once the epoch's updates are done (the test-set
+            figures and the grids' images), so that they cost no second call; or None.
     Returns:
-        train_epoch(x_train) -> dict of the losses averaged over the epoch's examples.
+        train_epoch(x_train) -> (dict of the losses averaged over the epoch's examples, what
+        after returned, or None).
     """
     @tf.function(jit_compile=True)
     def train_epoch(x_train):
@@ -1996,6 +2018,6 @@ def compile_epoch(train_step, names, generator, batch_size):
             totals = step(totals, batches[i])
         if rest:
             totals = step(totals, order[n_full * batch_size:])
-        return {k: v / n for k, v in totals.items()}
+        return {k: v / n for k, v in totals.items()}, (after() if after else None)
 
     return train_epoch

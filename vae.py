@@ -71,11 +71,14 @@ def log_importance_weights(model, x, eps):
     the result (K, n)."""
     mu, log_var = model.encode(x)
     z = model.reparameterize(mu, log_var, eps)
-    logits = model.decode(tf.reshape(z, [-1, tf.shape(z)[-1]]))
-    logits = tf.reshape(logits, [tf.shape(eps)[0], tf.shape(x)[0], -1])
-    log_px_z = -tf.reduce_sum(
-        tf.nn.sigmoid_cross_entropy_with_logits(labels=tf.broadcast_to(x, tf.shape(logits)),
-                                                logits=logits), axis=-1)
+    h = model.fc4(tf.reshape(z, [-1, tf.shape(z)[-1]]))
+    # log p(x | z) = sum_j x_j l_j - softplus(l_j) for the logits l = h W + b, the binary cross-
+    # entropy negated; the first sum is h . (W x) + b . x, so x need not meet each of the K
+    # samples' logits (a sixth less time)
+    softplus = tf.reshape(tf.reduce_sum(tf.nn.softplus(model.fc5(h)), axis=-1), tf.shape(eps)[:2])
+    h = tf.reshape(h, [tf.shape(eps)[0], tf.shape(x)[0], -1])
+    wx = tf.matmul(x, model.fc5.kernel, transpose_b=True)
+    log_px_z = tf.reduce_sum(h * wx, axis=-1) + tf.linalg.matvec(x, model.fc5.bias) - softplus
     log_2pi = math.log(2 * math.pi)
     log_pz = -0.5 * tf.reduce_sum(tf.square(z) + log_2pi, axis=-1)
     log_qz = -0.5 * tf.reduce_sum(tf.square(eps) + log_var + log_2pi, axis=-1)
@@ -176,24 +179,23 @@ def train(config):
         optimizer = keras.optimizers.Adam(config.lr)
         optimizer.build(model.trainable_variables)
 
-        train_epoch = utils.compile_epoch(make_train_step(config, model, optimizer, generator),
-                                          ["loss", "rec", "kl"], generator, config.batch_size)
-
-        @tf.function(jit_compile=True)
-        def evaluate(x):
+        def evaluate():  # the test figures and the grids' images, in the epoch's compiled call
             x_hat = tf.sigmoid(model(x_probe, eps_test[:50])[0])
             grids = {"sample": tf.sigmoid(model.decode(z_sample))}
             if z_plane is not None:
                 grids["manifold"] = tf.sigmoid(model.decode(z_plane))
-            return compute_loss(model, x, eps_test), x_hat, grids
+            return compute_loss(model, x_test, eps_test), x_hat, grids
+
+        train_epoch = utils.compile_epoch(make_train_step(config, model, optimizer, generator),
+                                          ["loss", "rec", "kl"], generator, config.batch_size,
+                                          evaluate)
 
         first = run.restore(model=model, optimizer=optimizer, generator=generator,
                             z_sample=z_sample, eps_test=eps_test)
         for epoch in run.epochs(first):
             start = time.perf_counter()
-            train_losses = {k: float(v) for k, v in run.call(train_epoch, x_train).items()}
+            train_losses, (test_losses, x_hat, decoded) = run.call(train_epoch, x_train)
             seconds = time.perf_counter() - start
-            test_losses, x_hat, decoded = evaluate(x_test)
             row = {"epoch": epoch, "seconds": round(seconds, 3)}
             for split, losses in (("train", train_losses), ("test", test_losses)):
                 row.update({f"{split}_{k}": float(losses[k]) for k in ("rec", "kl", "loss")})

@@ -8,17 +8,20 @@ Measures, in one run on this machine (not collected by pytest):
   1. float32 matmul rates: a 4096^3 tf.matmul, and the models' own products (each Dense layer's
      forward product at batch 512, e.g. 512 x 784 x 256, and its two gradient products, the
      transposes), XLA-compiled, best of 5;
-  2. each model's training FLOPs per epoch from its layer sizes: forward, weight gradients, and
-     input gradients except for the first layer: 2 * (3 * forward MACs - first-layer MACs) * 60000;
-     the FLOP-limit time is that over the rate of the models' own products;
-  3. the training epoch of `python ae.py` / `python vae.py` run as users run them (the `seconds`
-     column of their history.csv, median over the epochs after the first two), and peak memory
-     (what runs around training is --overhead's to measure);
+  2. each model's FLOPs per epoch from its layer sizes: training, forward, weight gradients, and
+     input gradients except for the first layer, 2 * (3 * forward MACs - first-layer MACs) *
+     60000, and the test set's forward pass, 2 * forward MACs * 10000; the FLOP-limit time is
+     that over the rate of the models' own products;
+  3. the epoch of `python ae.py` / `python vae.py` run as users run them (the `seconds` column of
+     their history.csv: one compiled call that trains and then evaluates the whole test set;
+     median over the epochs after the first two), and peak memory (what runs around the epochs
+     is --overhead's to measure);
   4. the same models and epochs (a fresh permutation, batches of 512, the short last batch kept,
-     Adam 1e-3) trained by: the tutorial's eager GradientTape loop over tf.data batches; a loop
-     calling one XLA-compiled tf.function per batch (so Python's per-batch dispatch stays, and
-     only the whole-epoch design is left out); PyTorch in eager mode and JAX with a whole epoch as
-     one jitted lax.scan, each when installed (they are optional, never requirements).
+     Adam 1e-3, then the loss of the 10,000 test images) run by: the tutorial's eager
+     GradientTape loop over tf.data batches; a loop calling one XLA-compiled tf.function per
+     batch (so Python's per-batch dispatch stays, and only the whole-epoch design is left out);
+     PyTorch in eager mode and JAX with a whole epoch as one jitted lax.scan, each when installed
+     (they are optional, never requirements).
 Every contender gets --repeats runs, interleaved; a run's figure is its median epoch after the
 first (compilation, warm-up), and the best run counts, as noise on a shared machine only ever
 adds time.
@@ -26,12 +29,14 @@ adds time.
 With --overhead, it measures the time around training instead: `python ae.py` and `python
 vae.py` run as users run them, with their default flags (100 and 1000 epochs; --epochs N for a
 shorter check), and, from the moments their epoch lines appear, the whole process's wall time,
-the training passes (the `seconds` column of history.csv) and what is left: start-up (to the
-end of epoch 1, less its training), the median per-epoch work between two epochs (test-set
-evaluation, grids, history row, checkpoint), and the end (final weights, progress.gif, the
+the epochs (the `seconds` column of history.csv: each epoch's one compiled call, its training
+and then the whole test set's figures and the grids' images) and what is left: start-up (to the
+end of epoch 1, less its call), the median work between two epochs (checkpoint, history row,
+progress line; the files are written meanwhile), and the end (final weights, progress.gif, the
 end-of-run figures). The target: the time around training at most 8% of the wall time, for both
 scripts. It also times the whole-test-set evaluation alone (the scripts' compute_loss on the
-10,000 test images, XLA-compiled, best of 20), against the epoch's training. The sample-quality
+10,000 test images, XLA-compiled, best of 20), against the epoch, and gives the share around
+training that counting it outside the epochs would give. The sample-quality
 classifier is trained and cached before the runs, as it is once per machine; the files and bytes
 each run leaves are counted.
 
@@ -106,9 +111,10 @@ def shape_rate(widths, batch=BATCH, calls=20):
     return flops / best_seconds(lambda: float(products()))
 
 
-def training_flops(widths, n=60000):
+def epoch_flops(widths, n=60000, n_test=10000):
+    """An epoch's training and test-set evaluation."""
     macs = [m * k for m, k in zip(widths, widths[1:])]
-    return 2 * (3 * sum(macs) - macs[0]) * n
+    return 2 * (3 * sum(macs) - macs[0]) * n + 2 * sum(macs) * n_test
 
 
 def run_script(script, data_dir, out, *args):
@@ -156,9 +162,13 @@ def tf_loss(script):
     return vae.VAE(Z_DIM), lambda m, x: vae.compute_loss(m, x, tf.random.normal([tf.shape(x)[0], Z_DIM]))["loss"]
 
 
-def tf_loop(script, x_train, epochs, compiled):
+def tf_loop(script, x_train, x_test, epochs, compiled):
     model, loss_fn = tf_loss(script)
     optimizer = keras.optimizers.Adam(1e-3)
+    x_test = tf.constant(x_test, tf.float32) / 255.0
+
+    def evaluate():
+        return loss_fn(model, x_test)
 
     def step(x):
         x = tf.cast(x, tf.float32) / 255.0
@@ -170,24 +180,26 @@ def tf_loop(script, x_train, epochs, compiled):
 
     if compiled:
         step = tf.function(step, jit_compile=True)  # two shapes: full batches, the last one
+        evaluate = tf.function(evaluate, jit_compile=True)
     data = tf.data.Dataset.from_tensor_slices(x_train).shuffle(len(x_train)).batch(BATCH)
     times = []
     for _ in range(epochs):
         start = time.perf_counter()
         for x in data:
             loss = step(x)
-        float(loss)
+        float(loss), float(evaluate())
         times.append(time.perf_counter() - start)
     return times
 
 
 # --- PyTorch, eager ----------------------------------------------------------------------------
 
-def torch_loop(script, x_train, epochs):
+def torch_loop(script, x_train, x_test, epochs):
     import torch
     from torch import nn
     torch.manual_seed(0)
     x_all = torch.from_numpy(np.array(x_train))  # a writable copy, as torch wants
+    x_test = torch.from_numpy(np.array(x_test)).float() / 255.0
     if script == "ae.py":
         model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
                               nn.Linear(128, 20), nn.Linear(20, 128), nn.ReLU(),
@@ -216,14 +228,15 @@ def torch_loop(script, x_train, epochs):
             loss = loss_fn(x)
             loss.backward()
             optimizer.step()
-        float(loss.detach())
+        with torch.no_grad():
+            float(loss.detach()), float(loss_fn(x_test))
         times.append(time.perf_counter() - start)
     return times
 
 
 # --- JAX: a whole epoch as one jitted lax.scan -------------------------------------------------
 
-def jax_loop(script, x_train, epochs):
+def jax_loop(script, x_train, x_test, epochs):
     import jax
     import jax.numpy as jnp
 
@@ -269,8 +282,8 @@ def jax_loop(script, x_train, epochs):
     n_full = n // BATCH * BATCH
 
     @jax.jit
-    def epoch(state, x_all, key):
-        key, perm_key = jax.random.split(key)
+    def epoch(state, x_all, x_test, key):
+        key, perm_key, test_key = jax.random.split(key, 3)
         order = jax.random.permutation(perm_key, n)
         batches = order[:n_full].reshape(-1, BATCH)
 
@@ -281,16 +294,17 @@ def jax_loop(script, x_train, epochs):
         state, losses = jax.lax.scan(body, state, (batches, jax.random.split(key, len(batches))))
         if n_full < n:
             state, _ = adam_step(state, x_all[order[n_full:]].astype(jnp.float32) / 255.0, key)
-        return state, losses.mean()
+        return state, losses.mean(), loss_fn(state[0], x_test, test_key)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     state, key, x_all = (params, zeros, zeros, 0), jax.random.PRNGKey(1), jnp.asarray(x_train)
+    x_test = jnp.asarray(x_test, jnp.float32) / 255.0
     times = []
     for _ in range(epochs):
         start = time.perf_counter()
         key, sub = jax.random.split(key)
-        state, loss = epoch(state, x_all, sub)
-        float(loss)
+        state, loss, test_loss = epoch(state, x_all, x_test, sub)
+        float(loss), float(test_loss)
         times.append(time.perf_counter() - start)
     return times
 
@@ -329,14 +343,14 @@ def main():
     device = (f"GPU: {tf.config.experimental.get_device_details(gpus[0]).get('device_name', gpus[0].name)}"
               if gpus else f"CPU: {cpu_model()}, {os.cpu_count()} cores")
     print(f"{device}; TensorFlow {tf.__version__}", flush=True)
-    (x_train, _), _ = utils.load_fashion_mnist(args.data_dir)
-    x_train = x_train.reshape(-1, 784)
-    loops = {"eager": lambda s: tf_loop(s, x_train, args.loop_epochs, compiled=False),
-             "per-step": lambda s: tf_loop(s, x_train, args.loop_epochs, compiled=True)}
+    (x_train, _), (x_test, _) = utils.load_fashion_mnist(args.data_dir)
+    x_train, x_test = x_train.reshape(-1, 784), x_test.reshape(-1, 784)
+    loops = {"eager": lambda s: tf_loop(s, x_train, x_test, args.loop_epochs, compiled=False),
+             "per-step": lambda s: tf_loop(s, x_train, x_test, args.loop_epochs, compiled=True)}
     if available("torch"):
-        loops["PyTorch"] = lambda s: torch_loop(s, x_train, args.loop_epochs)
+        loops["PyTorch"] = lambda s: torch_loop(s, x_train, x_test, args.loop_epochs)
     if available("jax"):
-        loops["JAX"] = lambda s: jax_loop(s, x_train, args.loop_epochs)
+        loops["JAX"] = lambda s: jax_loop(s, x_train, x_test, args.loop_epochs)
 
     results = {}  # (script, contender) -> [(train s, wall s, peak bytes)]
     for repeat in range(args.repeats):
@@ -366,8 +380,8 @@ def main():
         train_s = best["script"][0]
         peak = max(run[1] for run in results[(script, "script")])
         rate = shape_rate(widths)
-        limit_s = training_flops(widths) / rate
-        cells = [f"{train_s:.3f}", f"{training_flops(widths) / 1e9:.1f}", f"{rate / 1e9:.0f}",
+        limit_s = epoch_flops(widths) / rate
+        cells = [f"{train_s:.3f}", f"{epoch_flops(widths) / 1e9:.1f}", f"{rate / 1e9:.0f}",
                  f"{limit_s:.3f}", f"{train_s / limit_s:.2f}x", f"{peak / 2**30:.2f} GiB"]
         cells += [f"{best[name][0]:.3f} ({best[name][0] / train_s:.1f}x)" for name in ("eager", "per-step")]
         cells += [f"{best[name][0]:.3f}" for name in peers]
@@ -375,7 +389,7 @@ def main():
             fastest = min(best[name][0] for name in peers)
             cells.append(f"{fastest / train_s:.2f}x")  # the target: at least 1.10x
         print(f"| {script} | " + " | ".join(cells) + " |")
-    print(f"\nseconds per training epoch; {device}; script runs of {args.epochs} epochs (median of "
+    print(f"\nseconds per epoch (training, then the test set's loss); {device}; script runs of {args.epochs} epochs (median of "
           f"epochs 3-{args.epochs}), other runs of {args.loop_epochs} (median of epochs "
           f"2-{args.loop_epochs}); best of {args.repeats} runs each")
 
@@ -421,19 +435,21 @@ def overhead_benchmark(args):
             r = runs[script][-1]
             print(f"run {repeat + 1}: python {script} {' '.join(extra)}: {r['wall']:.1f} s wall, "
                   f"{r['train']:.1f} s training", flush=True)
-    print("\n| command | wall | training | around training | start-up | between epochs | end "
-          "| test-set evaluation | files | size |\n" + "|---" * 10 + "|")
+    print("\n| command | wall | epochs | around training | start-up | between epochs | end "
+          "| test-set evaluation (in each epoch) | around training, evaluation counted outside "
+          "| files | size |\n" + "|---" * 11 + "|")
     for script, figures in runs.items():
         r = sorted(figures, key=lambda r: (r["wall"] - r["train"]) / r["wall"])[len(figures) // 2]
         around = r["wall"] - r["train"]
         evaluation = evaluation_seconds(script, data.x_test)
+        outside = around + evaluation * r["epochs"]
         command = f"python {script} {' '.join(extra)}".strip()
         print(f"| `{command}` | {r['wall']:.1f} s | "
               f"{r['train']:.1f} s ({r['epochs']} x {r['epoch']:.3f} s) | {around:.1f} s, "
               f"**{100 * around / r['wall']:.1f}%** | {r['start']:.1f} s | "
               f"{1000 * r['per_epoch']:.0f} ms | {r['end']:.1f} s | {1000 * evaluation:.0f} ms, "
-              f"{100 * evaluation / r['epoch']:.1f}% of an epoch | {r['files']:,} | "
-              f"{r['bytes'] / 1e6:.1f} MB |")
+              f"{100 * evaluation / r['epoch']:.1f}% of an epoch | {outside:.1f} s, "
+              f"{100 * outside / r['wall']:.1f}% | {r['files']:,} | {r['bytes'] / 1e6:.1f} MB |")
     print(f"\n{device}; the run with the median share around training of {args.repeats}; the "
           "target: at most 8% around training")
 

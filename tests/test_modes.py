@@ -351,9 +351,11 @@ def test_log_mean_exp_matches_direct_computation_and_stays_finite():
 
 def test_iw_estimate_agrees_with_a_direct_computation():
     model = vae.VAE(z_dim=2)
-    x = tf.cast(tf.random.uniform([3, 784], seed=5) > 0.5, tf.float32)
+    x = tf.random.uniform([3, 784], seed=5)  # pixels in [0, 1], not only 0 and 1
     eps = tf.random.normal([4, 3, 2], seed=6, dtype=tf.float32)
     model(x, eps[0])
+    for layer in (model.fc4, model.fc5):  # biases other than their initial zeros
+        layer.bias.assign(tf.random.normal(layer.bias.shape, seed=8))
     mu, log_var = (t.numpy().astype(np.float64) for t in model.encode(x))
     xn = x.numpy().astype(np.float64)
     expected = []

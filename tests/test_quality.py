@@ -97,18 +97,33 @@ def test_sample_quality_trains_once_then_reads_the_cache(trained, monkeypatch, c
     home, first, printed = trained
     assert "training the classifier" in printed
     assert first.facts["test_accuracy"] > 0.95
-    cached = sorted(os.listdir(home / "autoencoder-classifiers"))
-    assert len(cached) == 2
+    folder = home / "autoencoder-classifiers"
+    cached = sorted(os.listdir(folder))
+    assert len(cached) == 3
     monkeypatch.setenv("KERAS_HOME", str(home))
     data = labelled_data()
+    computed = []  # the feature statistics computed, by number of images
+    statistics = utils.SampleQuality.statistics
+    monkeypatch.setattr(utils.SampleQuality, "statistics",
+                        lambda self, images: computed.append(len(images)) or statistics(self, images))
     second = utils.SampleQuality(data, "vae.py")
     assert capsys.readouterr().out == ""  # read, not trained
+    assert computed == []  # the test set's statistics read too
     assert second.facts == first.facts
+    assert all(np.array_equal(a, b) for a, b in zip(second.test, first.test))
     test = data.x_test.reshape(len(data.x_test), -1) / 255.0
     assert second.of(test)["samples"] == pytest.approx(first.of(test)["samples"], abs=1e-6)
+    # damaged statistics are computed again, and kept again; the classifier is not trained
+    (stats,) = [name for name in cached if name.endswith(".test-features.npz")]
+    (folder / stats).write_bytes(b"garbage")
+    computed.clear()
+    third = utils.SampleQuality(data, "vae.py")
+    assert capsys.readouterr().out == "" and computed == [len(data.x_test)]
+    assert all(np.allclose(a, b) for a, b in zip(third.test, first.test))
+    assert utils.read_statistics(str(folder / stats)) is not None
     # a damaged cache is trained again
     for name in cached:
-        (home / "autoencoder-classifiers" / name).write_bytes(b"garbage")
+        (folder / name).write_bytes(b"garbage")
     utils.SampleQuality(data, "vae.py")
     assert "training the classifier" in capsys.readouterr().out
 

@@ -269,10 +269,14 @@ def test_compile_epoch_uses_each_example_once_and_weights_the_short_batch():
         return {"value": tf.reduce_mean(x[:, 0] * 255.0)}
 
     x_train = tf.constant(np.repeat(np.arange(n, dtype=np.uint8)[:, None], 784, 1))
-    epoch = utils.compile_epoch(train_step, ["value"], tf.random.Generator.from_seed(3), 4)
-    assert float(epoch(x_train)["value"]) == pytest.approx(np.arange(n).mean(), rel=1e-6)
+    # after, in the same call, sees the epoch's updates done (as the test figures must)
+    epoch = utils.compile_epoch(train_step, ["value"], tf.random.Generator.from_seed(3), 4,
+                                after=lambda: seen.read_value() * 1)
+    losses, after = epoch(x_train)
+    assert float(losses["value"]) == pytest.approx(np.arange(n).mean(), rel=1e-6)
     np.testing.assert_array_equal(seen.numpy(), np.ones(n))
-    epoch(x_train)
+    np.testing.assert_array_equal(after.numpy(), np.ones(n))
+    np.testing.assert_array_equal(epoch(x_train)[1].numpy(), 2 * np.ones(n))
     np.testing.assert_array_equal(seen.numpy(), 2 * np.ones(n))
 
 
@@ -292,7 +296,7 @@ def test_compile_epoch_trains_as_a_plain_eager_loop_does():
     model, optimizers, generator = setup()
     epoch = utils.compile_epoch(ae.make_train_step(config, model, optimizers, generator), ["bce"],
                                 generator, 16)
-    compiled = float(epoch(tf.constant(x_train))["bce"])
+    compiled = float(epoch(tf.constant(x_train))[0]["bce"])
 
     model2, optimizers2, generator2 = setup()
     step = ae.make_train_step(config, model2, optimizers2, generator2)
