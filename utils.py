@@ -1881,7 +1881,8 @@ class SampleQuality:
         # CPU, with the same numbers
         self.features = tf.function(lambda x: features(x, training=False), autograph=False,
                                     input_signature=[tf.TensorSpec([None, *data.shape], tf.float32)])
-        self.test = None if trained else read_statistics(test)
+        width = features.output.shape[-1]
+        self.test = None if trained else read_statistics(test, width, weights)
         if self.test is not None:
             return
         self.test = self.statistics(data.x_test)  # kept too: half the time of a distance
@@ -1892,10 +1893,12 @@ class SampleQuality:
             if trained:
                 write_atomically(weights, model.save_weights)
                 write_json(facts, self.facts)
-            write_atomically(test, lambda tmp: np.savez(tmp, mean=self.test[0], cov=self.test[1]))
+            # with the digest of the weights they come from: another process's weights do not match
+            kept = dict(mean=self.test[0], cov=self.test[1], weights=file_digest(weights))
+            write_atomically(test, lambda tmp: np.savez(tmp, **kept))
         except OSError as e:
-            print(f"{prog}: cannot keep the classifier's files in {folder} ({e.strerror}); they "
-                  "will be made again next time", file=sys.stderr, flush=True)
+            print(f"{prog}: cannot write into {folder} ({e.strerror}); what is missing there will "
+                  "be made again next time", file=sys.stderr, flush=True)
 
     def train(self, model, data, prog):
         print(f"{prog}: training the classifier that measures sample quality, once for these "
@@ -1932,14 +1935,25 @@ class SampleQuality:
                 "classifier_test_accuracy": self.facts["test_accuracy"]}
 
 
-def read_statistics(path):
-    """The (mean, covariance) that SampleQuality kept at path; None where it is missing or damaged."""
+def file_digest(path):
+    """The SHA-256 of a file's bytes, in hex."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def read_statistics(path, width, weights):
+    """The (mean, covariance) of width features that SampleQuality kept at path from the
+    classifier in the file weights; None where they are missing, damaged, of another size or
+    from other weights."""
     try:
         with np.load(path) as f:
-            mean, cov = f["mean"], f["cov"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            mean, cov, digest = f["mean"], f["cov"], str(f["weights"])
+        same_weights = digest == file_digest(weights)
+    except (OSError, ValueError, KeyError, EOFError, TypeError, AttributeError, zipfile.BadZipFile):
         return None
-    if mean.ndim != 1 or cov.shape != (len(mean), len(mean)):
+    if (not same_weights or mean.shape != (width,) or cov.shape != (width, width)
+            or mean.dtype != np.float64 or cov.dtype != np.float64
+            or not (np.isfinite(mean).all() and np.isfinite(cov).all())):
         return None
     return mean, cov
 
@@ -1998,10 +2012,11 @@ def compile_epoch(train_step, names, generator, batch_size, after=None):
             figures and the grids' images), so that they cost no second call; or None.
     Returns:
         train_epoch(x_train) -> (dict of the losses averaged over the epoch's examples, what
-        after returned, or None).
+        after returned, or None), as NumPy values: fetched before it returns, so that timing it
+        times the work also where the call only queues it (a GPU).
     """
     @tf.function(jit_compile=True)
-    def train_epoch(x_train):
+    def compiled(x_train):
         n = x_train.shape[0]
         n_full, rest = divmod(n, batch_size)
         order = tf.argsort(generator.uniform([n]))
@@ -2020,4 +2035,5 @@ def compile_epoch(train_step, names, generator, batch_size, after=None):
             totals = step(totals, order[n_full * batch_size:])
         return {k: v / n for k, v in totals.items()}, (after() if after else None)
 
-    return train_epoch
+    return lambda x_train: tf.nest.map_structure(
+        lambda t: t.numpy() if isinstance(t, tf.Tensor) else t, compiled(x_train))

@@ -120,7 +120,16 @@ def test_sample_quality_trains_once_then_reads_the_cache(trained, monkeypatch, c
     third = utils.SampleQuality(data, "vae.py")
     assert capsys.readouterr().out == "" and computed == [len(data.x_test)]
     assert all(np.allclose(a, b) for a, b in zip(third.test, first.test))
-    assert utils.read_statistics(str(folder / stats)) is not None
+    # and so are statistics of another size, or kept from other weights
+    (weights,) = [name for name in cached if name.endswith(".weights.h5")]
+    mean, cov = first.test
+    for kept in (dict(mean=mean[:5], cov=cov[:5, :5], weights=utils.file_digest(folder / weights)),
+                 dict(mean=mean, cov=cov, weights="0" * 64)):
+        np.savez(folder / stats, **kept)
+        computed.clear()
+        utils.SampleQuality(data, "vae.py")
+        assert computed == [len(data.x_test)]
+    assert utils.read_statistics(folder / stats, len(mean), folder / weights) is not None
     # a damaged cache is trained again
     for name in cached:
         (folder / name).write_bytes(b"garbage")

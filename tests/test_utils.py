@@ -275,8 +275,8 @@ def test_compile_epoch_uses_each_example_once_and_weights_the_short_batch():
     losses, after = epoch(x_train)
     assert float(losses["value"]) == pytest.approx(np.arange(n).mean(), rel=1e-6)
     np.testing.assert_array_equal(seen.numpy(), np.ones(n))
-    np.testing.assert_array_equal(after.numpy(), np.ones(n))
-    np.testing.assert_array_equal(epoch(x_train)[1].numpy(), 2 * np.ones(n))
+    np.testing.assert_array_equal(after, np.ones(n))
+    np.testing.assert_array_equal(epoch(x_train)[1], 2 * np.ones(n))
     np.testing.assert_array_equal(seen.numpy(), 2 * np.ones(n))
 
 
