@@ -305,7 +305,9 @@ def slow(*args):
     train_epoch, calls = compile_epoch(*args), []
     def epoch(x):
         calls.append(1)
-        time.sleep(60 if len(calls) == 2 else 0)
+        if len(calls) == 2:  # said, so that the test's Ctrl-C surely comes during this epoch
+            print("the second epoch begins", flush=True)
+            time.sleep(60)
         return train_epoch(x)
     return epoch
 utils.compile_epoch = slow
@@ -326,7 +328,8 @@ def test_ctrl_c_answers_at_once_and_twice_stops_at_once(tiny_data, tmp_path):
                               "--data-dir", data_dir, "--out", out, "--epochs", "3", *TINY],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert child.stdout.readline().startswith("data: Fashion-MNIST: 600 training")
-    assert child.stdout.readline().startswith("epoch 1/3")  # the second, a minute long, begins
+    assert child.stdout.readline().startswith("epoch 1/3")
+    assert child.stdout.readline() == "the second epoch begins\n"  # a minute long
     child.send_signal(signal.SIGINT)
     assert "stopping after this epoch" in child.stderr.readline()  # at once
     asked = time.monotonic()
