@@ -188,17 +188,12 @@ def in_chunks(fn, images, chunk=10000):
     """fn (returning a NumPy array) of uint8 images (n, h, w, c) as floats (n, pixels) in
     [0, 1], converted and computed chunk by chunk (no float copy of a whole training set); the
     rows joined."""
-    return np.concatenate([fn(to_float(images[i:i + chunk])) for i in range(0, len(images), chunk)])
+    return np.concatenate([fn(utils.to_float(images[i:i + chunk])) for i in range(0, len(images), chunk)])
 
 
 def encode(model, images):
     """Codes of uint8 images (n, h, w, c); a NumPy array (n, h_dim)."""
     return in_chunks(lambda x: model.encoder(x).numpy(), images)
-
-
-def to_float(images):
-    """uint8 images (n, h, w, c) -> float32 (n, h * w * c) in [0, 1]."""
-    return images.reshape(len(images), -1).astype(np.float32) / 255.0
 
 
 def compare_with_pca(config, model, data):
@@ -212,7 +207,7 @@ def compare_with_pca(config, model, data):
     mean = mean / 255.0
     pca_train, pca_test = (in_chunks(lambda x: (x - mean) @ components.T, images)
                            for images in (data.x_train, data.x_test))
-    x_test_f = to_float(data.x_test)
+    x_test_f = utils.to_float(data.x_test)
     # PCA's reconstructions are not probabilities: clipped to [0, 1], and BCE taken as Keras
     # takes it on probabilities (clipped to [1e-7, 1 - 1e-7])
     pca_rec = np.clip(pca_test @ components + mean, 0.0, 1.0).astype(np.float32)

@@ -841,6 +841,11 @@ def to_uint8(images, shape):
     return (pixels * 255.0 + 0.5).astype(np.uint8).reshape((-1, h, w) + (c,) * (c > 1))
 
 
+def to_float(images):
+    """uint8 images (n, h, w, c) -> float32 (n, h * w * c) in [0, 1]."""
+    return images.reshape(len(images), -1).astype(np.float32) / 255.0
+
+
 def pair_grid(originals, reconstructions, shape):
     """50 originals and their reconstructions -> 100 images, originals in the even columns."""
     pairs = np.stack([to_uint8(originals[:50], shape), to_uint8(reconstructions[:50], shape)], 1)
@@ -1919,9 +1924,8 @@ class SampleQuality:
         """Mean and covariance of the features of images: uint8 (n, h, w, c), or floats in
         [0, 1] with h * w * c values per image."""
         def floats(chunk):  # converted chunk by chunk: a float copy of the training set is big
-            if chunk.dtype == np.uint8:
-                chunk = chunk.astype(np.float32) / 255.0
-            return chunk.astype(np.float32, copy=False).reshape(-1, *self.shape)
+            chunk = to_float(chunk) if chunk.dtype == np.uint8 else chunk.astype(np.float32, copy=False)
+            return chunk.reshape(-1, *self.shape)
         images = np.asarray(images)
         features = np.concatenate([self.features(floats(images[i:i + 1000])).numpy()
                                    for i in range(0, len(images), 1000)]).astype(np.float64)
