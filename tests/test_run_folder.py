@@ -167,9 +167,12 @@ def test_resume_may_change_what_the_readme_allows(finished_run, capsys):
     assert json.load(open(os.path.join(out, "run.json")))["flags"]["compare_pca"] is False
 
 
-def test_the_resume_command_printed_gives_the_flags_changed_since_the_checkpoint():
+def test_the_resume_command_printed_gives_the_flags_changed_since_the_checkpoint(monkeypatch):
     """Stopped before the first checkpoint of a resumed run: the command to paste carries what
-    was given then (on/off flags either way), and parsed back it gives those values."""
+    was given then (on/off flags either way), and parsed back it gives those values. (The
+    interpreter's folder first on PATH, as in an activated virtual environment: "python" is the
+    one running, whichever way the suite was started.)"""
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     config = ae.make_parser().parse_args([])
     checkpointed = dict(vars(config), epochs=3, compare_pca=True, strict=False, eval_noise=0.3)
     now = dict(checkpointed, epochs=5, compare_pca=False, strict=True, eval_noise=0.1)
@@ -181,6 +184,14 @@ def test_the_resume_command_printed_gives_the_flags_changed_since_the_checkpoint
                                           "--eval-noise", "0.1"])
     pasted = ae.make_parser().parse_args(command[2:])
     assert (pasted.epochs, pasted.compare_pca, pasted.strict, pasted.eval_noise) == (5, False, True, 0.1)
+
+
+def test_the_command_printed_names_the_interpreter_running_when_python_is_another(monkeypatch,
+                                                                                     tmp_path):
+    """Where "python" on PATH is not this interpreter (a virtual environment not activated), the
+    command starts with this one's path, so that pasted it runs with the same packages."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert shlex.split(utils.command_line("ae.py", "--resume"))[0] == sys.executable
 
 
 # --- 5, 6: damaged checkpoints and files --------------------------------------------------------

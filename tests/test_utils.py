@@ -313,15 +313,46 @@ def test_compile_epoch_trains_as_a_plain_eager_loop_does():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
 
 
-def test_loading_tensorflow_holds_back_only_the_start_up_noise():
-    """A line of the known noise is dropped; any other line, here a real warning, passes."""
+def loading_tensorflow_stderr(writes, level=None):
+    """What reaches standard error of a process that writes writes (byte strings, each one
+    write, as TensorFlow's C++ logging writes a record) inside utils.loading_tensorflow()."""
     import subprocess
     import sys
     script = ("import os, sys; sys.path.insert(0, sys.argv[1]); import utils\n"
               "with utils.loading_tensorflow():\n"
-              "    os.write(2, b'W0000 cpu_feature_guard.cc:227] optimized for AVX2\\n')\n"
+              f"    for chunk in {writes!r}:\n"
+              "        os.write(2, chunk)\n"
               "    print('UserWarning: a real one', file=sys.stderr)\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    if level is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = str(level)
     result = subprocess.run([sys.executable, "-c", script, root], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0 and result.stderr == "UserWarning: a real one\n"
+                            timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stderr
+
+
+START_UP_RECORDS = [  # as TensorFlow 2.21 writes them on an AVX-512 CPU, and older releases
+    b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
+    b"I0000 00:00:1796152101.048849    1977 port.cc:153] oneDNN custom operations are on.\n",
+    b"I0000 00:00:1796152140.419577    2000 cpu_feature_guard.cc:227] This TensorFlow binary is "
+    b"optimized to use available CPU instructions.\nTo enable the following instructions: AVX2 "
+    b"AVX512F, in other operations, rebuild TensorFlow with the appropriate compiler flags.\n",
+    b"2023-10-24 10:56:05.523404: W tensorflow/core/util/port.cc:111] a warning of an old release\n",
+]
+ERROR_RECORD = b"E0000 00:00:1796152142.656909    2000 some_kernel.cc:52] a real error\n"
+
+
+def test_loading_tensorflow_holds_back_the_records_below_the_log_level():
+    """Records below TF_CPP_MIN_LOG_LEVEL (2 by default: info and warnings), with the lines that
+    continue them, are dropped, whatever they say; an error record and a Python warning pass."""
+    stderr = loading_tensorflow_stderr(START_UP_RECORDS + [ERROR_RECORD])
+    assert stderr == ERROR_RECORD.decode() + "UserWarning: a real one\n"
+
+
+def test_loading_tensorflow_passes_what_the_log_level_asks_for():
+    """TF_CPP_MIN_LOG_LEVEL=0 set by the user: TensorFlow's info records reach them (the real
+    ones of its import too)."""
+    stderr = loading_tensorflow_stderr(START_UP_RECORDS[1:3], level=0)
+    assert stderr.endswith(b"".join(START_UP_RECORDS[1:3]).decode() + "UserWarning: a real one\n")
