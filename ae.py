@@ -15,15 +15,24 @@ import argparse
 import os
 import time
 
-import utils  # first: it loads TensorFlow quietly, and answers Ctrl-C meanwhile
+import tool.quiet  # noqa: F401  first: TensorFlow loads quietly, and Ctrl-C meanwhile is one line
 
+import keras
 import numpy as np
 import tensorflow as tf
-import keras
 from keras import layers
 
+import utils
+from tool import cli, codes, files, quality, sources
+from tool.run import Run, Script
+
+# What ae.py tells its runs: the flags of its own that --resume may change, the files of its own
+SCRIPT = Script("ae.py", resumable_flags=("eval_noise", "export_codes", "compare_pca"),
+                files=("codes.npz", "pca_vs_ae.json", "pca_vs_ae.png"))
 EVAL_NOISE_SEED = (2015, 0)  # the same test noise for every run, so runs compare
 
+
+# --- The model ----------------------------------------------------------------------------------
 
 class AE(keras.Model):
     """pixels -> 256 -> 128 -> h_dim -> 128 -> 256 -> pixels, ReLU between, the decoder giving
@@ -44,6 +53,38 @@ class AE(keras.Model):
 
     def call(self, x):
         return self.decoder(self.encoder(x))
+
+
+# --- The loss and the step ---------------------------------------------------------------------
+
+def bce_from_logits(labels, logits):
+    """Binary cross-entropy, mean over all elements."""
+    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
+
+
+def compute_loss(model, x_in, x):
+    """Losses of reconstructing x from x_in (the same, or a corrupted x), means over pixels and
+    batch: "bce", binary cross-entropy on the logits, and "mse", squared error of the sigmoid
+    outputs (the tutorial's choice for real-valued inputs)."""
+    logits = model(x_in)
+    return {"bce": bce_from_logits(x, logits),
+            "mse": tf.reduce_mean(tf.square(tf.sigmoid(logits) - x))}
+
+
+def reconstruction_step(model, optimizer, x_in, x, loss):
+    """One update of encoder and decoder on the loss named by loss ("bce" or "mse")."""
+    with tf.GradientTape() as tape:
+        losses = compute_loss(model, x_in, x)
+    grads = tape.gradient(losses[loss], model.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    return losses
+
+
+# --- The variants: the denoiser and the adversarial autoencoder ---------------------------------
+
+def corrupt(x, sigma, noise):
+    """The denoising autoencoder's input: x plus sigma times standard normal noise, kept in [0, 1]."""
+    return tf.clip_by_value(x + sigma * noise, 0.0, 1.0)
 
 
 def with_batch_moments(z):
@@ -70,34 +111,6 @@ def make_discriminator():
         layers.Dense(256, activation="relu"),
         layers.Dense(1),
     ])
-
-
-def corrupt(x, sigma, noise):
-    """The denoising autoencoder's input: x plus sigma times standard normal noise, kept in [0, 1]."""
-    return tf.clip_by_value(x + sigma * noise, 0.0, 1.0)
-
-
-def bce_from_logits(labels, logits):
-    """Binary cross-entropy, mean over all elements."""
-    return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
-
-
-def compute_loss(model, x_in, x):
-    """Losses of reconstructing x from x_in (the same, or a corrupted x), means over pixels and
-    batch: "bce", binary cross-entropy on the logits, and "mse", squared error of the sigmoid
-    outputs (the tutorial's choice for real-valued inputs)."""
-    logits = model(x_in)
-    return {"bce": bce_from_logits(x, logits),
-            "mse": tf.reduce_mean(tf.square(tf.sigmoid(logits) - x))}
-
-
-def reconstruction_step(model, optimizer, x_in, x, loss):
-    """One update of encoder and decoder on the loss named by loss ("bce" or "mse")."""
-    with tf.GradientTape() as tape:
-        losses = compute_loss(model, x_in, x)
-    grads = tape.gradient(losses[loss], model.trainable_variables)
-    optimizer.apply_gradients(zip(grads, model.trainable_variables))
-    return losses
 
 
 R1_WEIGHT = 1.0
@@ -136,6 +149,9 @@ def generator_step(model, discriminator, optimizer, x_in):
     return loss
 
 
+# The adversarial game's rates (see make_optimizers): the encoder's generator update at 1.2 times
+# --lr, the discriminator's at --lr / 5, both falling linearly to 1% over the first 20 epochs
+GENERATOR_RATE, DISCRIMINATOR_SLOWDOWN = 1.2, 5
 ADVERSARIAL_DECAY_EPOCHS = 20
 
 
@@ -143,7 +159,7 @@ def make_optimizers(config, model, steps_per_epoch, discriminator=None):
     """Adam for the reconstruction. For the adversarial game, what measuring codes and
     reconstructions after 20 epochs on several seeds chose (see the README): Adam with beta_1 =
     0.5 (Radford et al. 2016) for both players; the encoder's generator update six times as fast
-    as the discriminator (1.2 and 0.2 times --lr); and both rates falling linearly to 1% over the
+    as the discriminator (GENERATOR_RATE and 1 / DISCRIMINATOR_SLOWDOWN times --lr); and both rates falling linearly to 1% over the
     first 20 epochs, then held, which damps the swings of the code means that a constant rate
     leaves. The discriminator's batch moments and R1 penalty do the rest (discriminator_step)."""
     optimizers = {"optimizer": keras.optimizers.Adam(config.lr)}
@@ -152,29 +168,94 @@ def make_optimizers(config, model, steps_per_epoch, discriminator=None):
         def decaying(lr):
             return keras.optimizers.schedules.PolynomialDecay(
                 lr, ADVERSARIAL_DECAY_EPOCHS * steps_per_epoch, end_learning_rate=lr / 100)
-        optimizers["disc_optimizer"] = keras.optimizers.Adam(decaying(config.lr / 5), beta_1=0.5)
+        optimizers["disc_optimizer"] = keras.optimizers.Adam(decaying(config.lr / DISCRIMINATOR_SLOWDOWN),
+                                                             beta_1=0.5)
         optimizers["disc_optimizer"].build(discriminator.trainable_variables)
-        optimizers["gen_optimizer"] = keras.optimizers.Adam(decaying(config.lr * 1.2), beta_1=0.5)
+        optimizers["gen_optimizer"] = keras.optimizers.Adam(decaying(config.lr * GENERATOR_RATE),
+                                                            beta_1=0.5)
         optimizers["gen_optimizer"].build(model.encoder.trainable_variables)
     return optimizers
 
 
-def make_train_step(config, model, optimizers, generator, discriminator=None):
+def make_train_step(config, model, optimizers, rng, discriminator=None):
     """The step of one batch x: reconstruction update; with --adversarial, then the
-    discriminator's and the encoder's updates. Noise comes from generator."""
+    discriminator's and the encoder's updates. Noise comes from rng (a tf.random.Generator)."""
     def train_step(x):
         x_in = x
         if config.noise:
-            x_in = corrupt(x, config.noise, generator.normal(tf.shape(x)))
+            x_in = corrupt(x, config.noise, rng.normal(tf.shape(x)))
         losses = reconstruction_step(model, optimizers["optimizer"], x_in, x, config.loss)
         if discriminator is not None:
-            z_prior = generator.normal([tf.shape(x)[0], config.h_dim])
+            z_prior = rng.normal([tf.shape(x)[0], config.h_dim])
             losses["disc"] = discriminator_step(model, discriminator, optimizers["disc_optimizer"],
                                                 x_in, z_prior)
             losses["gen"] = generator_step(model, discriminator, optimizers["gen_optimizer"], x_in)
         return losses
     return train_step
 
+
+# --- Training ----------------------------------------------------------------------------------
+
+def make_models(config, data, x_probe):
+    """The autoencoder, with --adversarial its discriminator (else None), built, and their
+    optimizers (see make_optimizers)."""
+    keras.utils.set_random_seed(config.seed)
+    model = AE(config.h_dim, data.pixels)
+    model(x_probe)  # create the weights
+    discriminator = None
+    if config.adversarial:
+        discriminator = make_discriminator()
+        discriminator(tf.zeros([1, config.h_dim]))
+    steps_per_epoch = -(-len(data.x_train) // config.batch_size)
+    return model, discriminator, make_optimizers(config, model, steps_per_epoch, discriminator)
+
+
+def train(config):
+    """Train an AE as config says, writing into config.out; return the history rows."""
+    started = time.perf_counter()
+    data = sources.load_data(config)
+    if config.compare_pca:
+        codes.check_pca_memory(config, data)
+    with Run(config, SCRIPT, data) as run:
+        data.report(SCRIPT.prog)
+        x_train, x_test = utils.as_tensors(data.x_train, data.x_test)
+        # Test inputs: clean, or with noise drawn once (stateless, from the seed) for a denoiser
+        x_test_in = x_test
+        if config.noise:
+            x_test_in = corrupt(x_test, config.noise,
+                                tf.random.stateless_normal(x_test.shape, seed=[config.seed, 1]))
+        x_probe, x_probe_in = x_test[:50], x_test_in[:50]  # the same images in every epoch's grid
+        model, discriminator, optimizers = make_models(config, data, x_probe)
+        rng = tf.random.Generator.from_seed(config.seed)  # shuffling and noise
+        z_prior = tf.random.stateless_normal([100, config.h_dim], seed=[config.seed, 2])
+
+        def evaluate():  # the test figures and the grids' images, in the epoch's compiled call
+            samples = tf.sigmoid(model.decoder(z_prior)) if config.adversarial else None
+            return compute_loss(model, x_test_in, x_test), tf.sigmoid(model(x_probe_in)), samples
+
+        names = [config.loss] + (["disc", "gen"] if config.adversarial else [])
+        train_step = make_train_step(config, model, optimizers, rng, discriminator)
+        train_epoch = utils.compile_epoch(train_step, names, rng, config.batch_size, evaluate)
+        players = {"discriminator": discriminator} if discriminator is not None else {}
+        # the generator of random numbers is "generator" in every run's checkpoints
+        first = run.restore(model=model, generator=rng, **optimizers, **players)
+        for epoch in run.epochs(first):
+            (train_losses, (test_losses, x_hat, samples)), seconds = run.call(train_epoch, x_train)
+            row = utils.history_row(epoch, seconds, train=train_losses, test=test_losses)
+            grids = {"rec": (utils.triplet_grid(x_probe_in, x_hat, x_probe, data.shape)
+                             if config.noise else utils.pair_grid(x_probe, x_hat, data.shape))}
+            figures = (f"train {config.loss} {row['train_' + config.loss]:.4f}  test bce "
+                       f"{row['test_bce']:.4f}  test mse {row['test_mse']:.4f}")
+            if config.adversarial:
+                grids["sample"] = utils.to_uint8(samples, data.shape)
+                figures += f"  disc {row['train_disc']:.3f}  gen {row['train_gen']:.3f}"
+            run.end_epoch(row, grids, figures)
+        run.save_final(model, "ae.weights.h5", "sample" if config.adversarial else "rec")
+        evaluate_run(config, model, data, x_test, run, started)
+        return run.history
+
+
+# --- After training: what every run measures ------------------------------------------------------
 
 def input_bce(x_in, x, chunk=1000):
     """The BCE of the inputs x_in themselves as reconstructions of x (what doing nothing scores),
@@ -203,7 +284,7 @@ def compare_with_pca(config, model, data):
     y_train, y_test = data.y_train, data.y_test
     # the PCA of the pixels as stored (0-255, no float copy of the training set): the same
     # directions as that of the pixels / 255, and 255 times the mean
-    mean, components = utils.fit_pca(data.x_train.reshape(len(data.x_train), -1), config.h_dim)
+    mean, components = codes.fit_pca(data.x_train.reshape(len(data.x_train), -1), config.h_dim)
     mean = mean / 255.0
     pca_train, pca_test = (in_chunks(lambda x: (x - mean) @ components.T, images)
                            for images in (data.x_train, data.x_test))
@@ -218,12 +299,12 @@ def compare_with_pca(config, model, data):
         "ae": {k: float(v) for k, v in compute_loss(model, x_test_f, x_test_f).items()},
     }
     if y_train is not None:
-        figures["pca"]["knn_accuracy"] = utils.knn_accuracy(pca_train, y_train, pca_test, y_test, k=5)
-        figures["ae"]["knn_accuracy"] = utils.knn_accuracy(ae_train, y_train, ae_test, y_test, k=5)
-    utils.write_json(os.path.join(config.out, "pca_vs_ae.json"), figures)
+        figures["pca"]["knn_accuracy"] = codes.knn_accuracy(pca_train, y_train, pca_test, y_test, k=5)
+        figures["ae"]["knn_accuracy"] = codes.knn_accuracy(ae_train, y_train, ae_test, y_test, k=5)
+    files.write_json(os.path.join(config.out, "pca_vs_ae.json"), figures)
     note = "" if config.h_dim == 2 else f" (first 2 principal directions of {config.h_dim}-D codes)"
-    utils.save_scatter_plots([(f"PCA{note}", utils.first_two_directions(pca_test)),
-                              (f"autoencoder{note}", utils.first_two_directions(ae_test))],
+    codes.save_scatter_plots([(f"PCA{note}", codes.first_two_directions(pca_test)),
+                              (f"autoencoder{note}", codes.first_two_directions(ae_test))],
                              y_test, data.class_names, os.path.join(config.out, "pca_vs_ae.png"))
     for name in ("pca", "ae"):
         f = figures[name]
@@ -234,118 +315,55 @@ def compare_with_pca(config, model, data):
     return figures
 
 
-def train(config):
-    """Train an AE as config says, writing into config.out; return the history rows."""
-    started = time.perf_counter()
-    data = utils.load_data(config)
+def evaluate_run(config, model, data, x_test, run, started):
+    """The end of a run: denoising from fixed noise, how Gaussian the codes are, with
+    --export-codes codes.npz, with --compare-pca the comparison, and the sample Frechet
+    distance; all in summary.json."""
+    x_noisy = corrupt(x_test, config.eval_noise,
+                      tf.random.stateless_normal(x_test.shape, seed=EVAL_NOISE_SEED))
+    test_bce_from_noisy = tf.function(compute_loss, jit_compile=True)(model, x_noisy, x_test)["bce"]
+    summary = run.summary(eval_noise=config.eval_noise,
+                          test_bce_from_noisy=float(test_bce_from_noisy),
+                          identity_bce_noisy=float(input_bce(x_noisy, x_test)),
+                          **codes.code_statistics(encode(model, data.x_test)))
+    if config.export_codes:
+        export_codes(config, model, data)
     if config.compare_pca:
-        utils.check_pca_memory(config, data)
-    with utils.Run(config, "ae.py", data) as run:
-        data.report("ae.py")
-        # uint8, scaled per batch in the step
-        x_train = tf.constant(data.x_train.reshape(len(data.x_train), -1))
-        x_test = tf.constant(data.x_test.reshape(len(data.x_test), -1), tf.float32) / 255.0
-        # Test inputs: clean, or with noise drawn once (stateless, from the seed) for a denoiser
-        x_test_in = x_test
-        if config.noise:
-            x_test_in = corrupt(x_test, config.noise,
-                                tf.random.stateless_normal(x_test.shape, seed=[config.seed, 1]))
-        x_probe, x_probe_in = x_test[:50], x_test_in[:50]  # the same images in every epoch's grid
+        summary["pca_vs_ae"] = compare_with_pca(config, model, data)
+    print(f"test bce from noisy inputs (sigma {config.eval_noise}): "
+          f"{summary['test_bce_from_noisy']:.4f} (the noisy input itself: "
+          f"{summary['identity_bce_noisy']:.4f});  codes: mean |mean| "
+          f"{summary['code_mean_abs']:.3f}, mean |std - 1| {summary['code_std_dev_from_1']:.3f}, "
+          f"Kolmogorov-Smirnov distance to N(0, 1) {summary['code_ks']:.3f}, "
+          f"mean |correlation| {summary['code_abs_correlation']:.3f}", flush=True)
+    # what the adversarial autoencoder generates; for a plain one, a contrast
+    summary["sample_fd"] = quality.sample_quality(
+        data, SCRIPT.prog, lambda n: utils.decode_prior(model.decoder, n, config.h_dim, [config.seed, 3]),
+        config.fd_samples)
+    run.write_summary(summary, started)
 
-        keras.utils.set_random_seed(config.seed)
-        model = AE(config.h_dim, data.pixels)
-        model(x_probe)  # create the weights
-        discriminator = None
-        if config.adversarial:
-            discriminator = make_discriminator()
-            discriminator(tf.zeros([1, config.h_dim]))
-        steps_per_epoch = -(-x_train.shape[0] // config.batch_size)
-        optimizers = make_optimizers(config, model, steps_per_epoch, discriminator)
-        generator = tf.random.Generator.from_seed(config.seed)  # shuffling and noise
-        z_prior = tf.random.stateless_normal([100, config.h_dim], seed=[config.seed, 2])
 
-        def evaluate():  # the test figures and the grids' images, in the epoch's compiled call
-            samples = tf.sigmoid(model.decoder(z_prior)) if config.adversarial else None
-            return compute_loss(model, x_test_in, x_test), tf.sigmoid(model(x_probe_in)), samples
+def export_codes(config, model, data):
+    """codes.npz: the train and test codes, with their labels if the data have them."""
+    arrays = {"train_codes": encode(model, data.x_train), "test_codes": encode(model, data.x_test)}
+    if data.y_train is not None:
+        arrays.update(train_labels=data.y_train, test_labels=data.y_test)
+    utils.write_atomically(os.path.join(config.out, "codes.npz"), lambda tmp: np.savez(tmp, **arrays))
 
-        names = [config.loss] + (["disc", "gen"] if config.adversarial else [])
-        train_step = make_train_step(config, model, optimizers, generator, discriminator)
-        train_epoch = utils.compile_epoch(train_step, names, generator, config.batch_size, evaluate)
 
-        tracked = dict(model=model, generator=generator, **optimizers)
-        if discriminator is not None:
-            tracked["discriminator"] = discriminator
-        first = run.restore(**tracked)
-        for epoch in run.epochs(first):
-            start = time.perf_counter()
-            train_losses, (test_losses, x_hat, samples) = run.call(train_epoch, x_train)
-            seconds = time.perf_counter() - start
-            row = {"epoch": epoch, "seconds": round(seconds, 3)}
-            row.update({f"train_{k}": float(v) for k, v in train_losses.items()})
-            row.update({f"test_{k}": float(v) for k, v in test_losses.items()})
-            grids = {"rec": (utils.triplet_grid(x_probe_in, x_hat, x_probe, data.shape)
-                             if config.noise else utils.pair_grid(x_probe, x_hat, data.shape))}
-            figures = (f"train {config.loss} {row['train_' + config.loss]:.4f}  test bce "
-                       f"{row['test_bce']:.4f}  test mse {row['test_mse']:.4f}")
-            if config.adversarial:
-                grids["sample"] = utils.to_uint8(samples, data.shape)
-                figures += f"  disc {row['train_disc']:.3f}  gen {row['train_gen']:.3f}"
-            run.end_epoch(row, grids, figures)
-        run.save_weights(model, "ae.weights.h5")
-        run.save_progress("sample" if config.adversarial else "rec")
-
-        # What every run reports: denoising from fixed noise, and how Gaussian the codes are
-        x_noisy = corrupt(x_test, config.eval_noise,
-                          tf.random.stateless_normal(x_test.shape, seed=EVAL_NOISE_SEED))
-        test_bce_from_noisy = tf.function(compute_loss, jit_compile=True)(model, x_noisy, x_test)["bce"]
-        identity_bce_noisy = input_bce(x_noisy, x_test)
-        summary = {
-            "flags": vars(config),
-            "data": data.description(),
-            "final": run.history[-1] if run.history else None,
-            "train_seconds": round(sum(float(r["seconds"]) for r in run.history), 1),
-            "eval_noise": config.eval_noise,
-            "test_bce_from_noisy": float(test_bce_from_noisy),
-            "identity_bce_noisy": float(identity_bce_noisy),
-            **utils.code_statistics(encode(model, data.x_test)),
-        }
-        if config.export_codes:
-            codes = {"train_codes": encode(model, data.x_train),
-                     "test_codes": encode(model, data.x_test)}
-            if data.y_train is not None:
-                codes.update(train_labels=data.y_train, test_labels=data.y_test)
-            utils.write_atomically(os.path.join(config.out, "codes.npz"),
-                                   lambda tmp: np.savez(tmp, **codes))
-        if config.compare_pca:
-            summary["pca_vs_ae"] = compare_with_pca(config, model, data)
-        print(f"test bce from noisy inputs (sigma {config.eval_noise}): "
-              f"{summary['test_bce_from_noisy']:.4f} (the noisy input itself: "
-              f"{summary['identity_bce_noisy']:.4f});  codes: mean |mean| "
-              f"{summary['code_mean_abs']:.3f}, mean |std - 1| {summary['code_std_dev_from_1']:.3f}, "
-              f"Kolmogorov-Smirnov distance to N(0, 1) {summary['code_ks']:.3f}, "
-              f"mean |correlation| {summary['code_abs_correlation']:.3f}", flush=True)
-
-        def decode_prior(n):  # what the adversarial autoencoder generates; for a plain one, a contrast
-            z = tf.random.stateless_normal([n, config.h_dim], seed=[config.seed, 3])
-            return np.concatenate([tf.sigmoid(model.decoder(z[i:i + 10000])).numpy()
-                                   for i in range(0, n, 10000)])
-        summary["sample_fd"] = utils.sample_quality(data, "ae.py", decode_prior, config.fd_samples)
-        summary["total_seconds"] = round(time.perf_counter() - started, 1)
-        utils.write_json(os.path.join(config.out, "summary.json"), summary)
-        return run.history
-
+# --- The command line ------------------------------------------------------------------------------
 
 def make_parser():
-    parser = utils.make_parser(__doc__.splitlines()[0], epochs=100, out="images/ae")
-    parser.add_argument("--h-dim", type=utils.positive(int), default=20, metavar="N",
+    parser = cli.make_parser(__doc__.splitlines()[0], epochs=100, out="images/ae")
+    parser.add_argument("--h-dim", type=cli.positive(int), default=20, metavar="N",
                         help="size of the code")
     parser.add_argument("--loss", choices=["bce", "mse"], default="bce",
                         help="training loss: binary cross-entropy, or squared error of the "
                         "sigmoid outputs (for real-valued inputs)")
-    parser.add_argument("--noise", type=utils.non_negative, default=0.0, metavar="SIGMA",
+    parser.add_argument("--noise", type=cli.non_negative, default=0.0, metavar="SIGMA",
                         help="denoising autoencoder: train on clip(x + SIGMA * N(0, 1), 0, 1) "
                         "to reconstruct x")
-    parser.add_argument("--eval-noise", type=utils.non_negative, default=0.3, metavar="SIGMA",
+    parser.add_argument("--eval-noise", type=cli.non_negative, default=0.3, metavar="SIGMA",
                         help="noise of the test inputs for summary.json's test_bce_from_noisy")
     parser.add_argument("--adversarial", action="store_true",
                         help="adversarial autoencoder: a discriminator pushes the codes to N(0, I)")
@@ -357,7 +375,8 @@ def make_parser():
 
 
 def main(argv=None):
-    utils.run_main("ae.py", train, make_parser(), argv)
+    """Train an autoencoder as the command line (or argv) says."""
+    cli.run_main(SCRIPT, train, make_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,23 @@ import math
 import os
 import time
 
-import utils  # first: it loads TensorFlow quietly, and answers Ctrl-C meanwhile
+import tool.quiet  # noqa: F401  first: TensorFlow loads quietly, and Ctrl-C meanwhile is one line
 
-import numpy as np
-import tensorflow as tf
 import keras
+import tensorflow as tf
 from keras import layers
 
+import utils
+from tool import cli, quality, sources
+from tool.progress import progress
+from tool.run import Run, Script
+
+# What vae.py tells its runs: the flags of its own that --resume may change, the files of its own
+SCRIPT = Script("vae.py", resumable_flags=("iw_samples",), files=("interpolation.png",))
+LOSSES = ("rec", "kl", "loss")  # history.csv's order
+
+
+# --- The model ----------------------------------------------------------------------------------
 
 class VAE(keras.Model):
     """Encoder pixels -> 128 -> (mu, log_var) of size z_dim; decoder z_dim -> 128 -> pixels
@@ -30,6 +40,7 @@ class VAE(keras.Model):
 
     def __init__(self, z_dim=10, pixels=784):
         super().__init__()
+        self.z_dim = z_dim
         self.fc1 = layers.Dense(128, activation="relu")
         self.fc2 = layers.Dense(z_dim)  # mu
         self.fc3 = layers.Dense(z_dim)  # log_var
@@ -49,15 +60,125 @@ class VAE(keras.Model):
         """Logits of the pixels."""
         return self.fc5(self.fc4(z))
 
+    def decoder_layers(self):
+        """The decoder's two layers, z -> h (ReLU) -> the pixels' logits h W + b. (A method:
+        Keras's saving walks a model's properties, and would save the layers twice.)"""
+        return self.fc4, self.fc5
+
     def call(self, x, eps):
         mu, log_var = self.encode(x)
         return self.decode(self.reparameterize(mu, log_var, eps)), mu, log_var
+
+
+# --- The loss and the step ----------------------------------------------------------------------
 
 
 def kl_divergence(mu, log_var):
     """KL(N(mu, diag(exp(log_var))) || N(0, I)) per example, in nats, in closed form
     (Kingma & Welling 2014, appendix B)."""
     return -0.5 * tf.reduce_sum(1.0 + log_var - tf.square(mu) - tf.exp(log_var), axis=-1)
+
+
+def compute_loss(model, x, eps):
+    """Negative ELBO: BCE summed over pixels plus KL, each averaged over the batch (nats/image)."""
+    logits, mu, log_var = model(x, eps)
+    rec = tf.reduce_mean(tf.reduce_sum(
+        tf.nn.sigmoid_cross_entropy_with_logits(labels=x, logits=logits), axis=-1))
+    kl = tf.reduce_mean(kl_divergence(mu, log_var))
+    return {"loss": rec + kl, "rec": rec, "kl": kl}
+
+
+def make_train_step(config, model, optimizer, rng):
+    """The step of one batch x: one update on rec + beta * kl (the negative ELBO for beta = 1,
+    Higgins et al. 2017 otherwise), eps drawn from rng (a tf.random.Generator); returns the
+    losses of compute_loss."""
+    def train_step(x):
+        eps = rng.normal([tf.shape(x)[0], config.z_dim])
+        with tf.GradientTape() as tape:
+            losses = compute_loss(model, x, eps)
+            objective = losses["rec"] + config.beta * losses["kl"]
+        grads = tape.gradient(objective, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return losses
+    return train_step
+
+
+# --- The grids: the latent plane and interpolations -------------------------------------------
+
+def latent_grid(n=10):
+    """z of the latent-plane map: the normal distribution's quantiles 5% .. 95% along each axis,
+    z_1 growing to the right and z_2 upwards (as in the Keras and TensorFlow VAE examples)."""
+    q = tf.math.ndtri(tf.linspace(0.05, 0.95, n))
+    z1, z2 = tf.meshgrid(q, q[::-1])
+    return tf.stack([tf.reshape(z1, [-1]), tf.reshape(z2, [-1])], axis=1)
+
+
+def save_interpolations(model, x_test, shape, path):
+    """For 10 pairs of test images (2k, 2k + 1), 10 decodings along the line between their means."""
+    mu, _ = model.encode(x_test[:20])
+    a, b = mu[0::2, None, :], mu[1::2, None, :]
+    t = tf.linspace(0.0, 1.0, 10)[None, :, None]
+    z = tf.reshape((1 - t) * a + t * b, [100, -1])
+    utils.save_images(utils.to_uint8(tf.sigmoid(model.decode(z)), shape), path)
+
+
+# --- Training ---------------------------------------------------------------------------------
+
+def train(config):
+    """Train a VAE as config says, writing into config.out; return the history rows."""
+    started = time.perf_counter()
+    data = sources.load_data(config)
+    with Run(config, SCRIPT, data) as run:
+        data.report(SCRIPT.prog)
+        x_train, x_test = utils.as_tensors(data.x_train, data.x_test)
+        x_probe = x_test[:50]  # the same test images in every epoch's grid
+        keras.utils.set_random_seed(config.seed)
+        model = VAE(config.z_dim, data.pixels)
+        rng = tf.random.Generator.from_seed(config.seed)  # shuffling and eps
+        # Fixed probes, drawn once and kept in the checkpoints: z for the sample grid, eps for a
+        # test ELBO that changes only when the model does.
+        z_sample = tf.Variable(rng.normal([100, config.z_dim]), trainable=False)
+        eps_test = tf.Variable(rng.normal([x_test.shape[0], config.z_dim]), trainable=False)
+        z_plane = latent_grid() if config.z_dim == 2 else None
+        model(x_probe, eps_test[:50])  # create the weights
+        optimizer = keras.optimizers.Adam(config.lr)
+        optimizer.build(model.trainable_variables)
+
+        def evaluate():  # the test figures and the grids' images, in the epoch's compiled call
+            x_hat = tf.sigmoid(model(x_probe, eps_test[:50])[0])
+            grids = {"sample": tf.sigmoid(model.decode(z_sample))}
+            if z_plane is not None:
+                grids["manifold"] = tf.sigmoid(model.decode(z_plane))
+            return compute_loss(model, x_test, eps_test), x_hat, grids
+
+        train_epoch = utils.compile_epoch(make_train_step(config, model, optimizer, rng),
+                                          ["loss", "rec", "kl"], rng, config.batch_size, evaluate)
+        # the generator of random numbers is "generator" in every run's checkpoints
+        first = run.restore(model=model, optimizer=optimizer, generator=rng, z_sample=z_sample,
+                            eps_test=eps_test)
+        for epoch in run.epochs(first):
+            (train_losses, (test_losses, x_hat, decoded)), seconds = run.call(train_epoch, x_train)
+            row = utils.history_row(epoch, seconds, train={k: train_losses[k] for k in LOSSES},
+                                    test={k: test_losses[k] for k in LOSSES})
+            row["beta"] = config.beta
+            row["test_bits_per_dim"] = bits_per_dim(row["test_loss"], data.pixels)
+            grids = {"rec": utils.pair_grid(x_probe, x_hat, data.shape)}
+            grids.update({name: utils.to_uint8(images, data.shape) for name, images in decoded.items()})
+            run.end_epoch(row, grids, f"train loss {row['train_loss']:.2f}  test loss "
+                          f"{row['test_loss']:.2f} = rec {row['test_rec']:.2f} + kl "
+                          f"{row['test_kl']:.2f} (nats/image; {row['test_bits_per_dim']:.4f} "
+                          "bits/dim)")
+        run.save_final(model, "vae.weights.h5", "sample")
+        evaluate_run(config, model, data, x_test, run, started)
+        return run.history
+
+
+# --- After training: the test likelihood papers report ----------------------------------------
+
+def bits_per_dim(nats, pixels):
+    """A negative log-likelihood in nats per image as bits per pixel value, as papers report it:
+    comparable across image sizes and channels."""
+    return nats / (pixels * math.log(2))
 
 
 def log_mean_exp(a, axis=0):
@@ -71,14 +192,15 @@ def log_importance_weights(model, x, eps):
     the result (K, n)."""
     mu, log_var = model.encode(x)
     z = model.reparameterize(mu, log_var, eps)
-    h = model.fc4(tf.reshape(z, [-1, tf.shape(z)[-1]]))
+    hidden, output = model.decoder_layers()
+    h = hidden(tf.reshape(z, [-1, tf.shape(z)[-1]]))
     # log p(x | z) = sum_j x_j l_j - softplus(l_j) for the logits l = h W + b, the binary cross-
     # entropy negated; the first sum is h . (W x) + b . x, so x need not meet each of the K
     # samples' logits (about a tenth less time)
-    softplus = tf.reshape(tf.reduce_sum(tf.nn.softplus(model.fc5(h)), axis=-1), tf.shape(eps)[:2])
+    softplus = tf.reshape(tf.reduce_sum(tf.nn.softplus(output(h)), axis=-1), tf.shape(eps)[:2])
     h = tf.reshape(h, [tf.shape(eps)[0], tf.shape(x)[0], -1])
-    wx = tf.matmul(x, model.fc5.kernel, transpose_b=True)
-    log_px_z = tf.reduce_sum(h * wx, axis=-1) + tf.linalg.matvec(x, model.fc5.bias) - softplus
+    wx = tf.matmul(x, output.kernel, transpose_b=True)
+    log_px_z = tf.reduce_sum(h * wx, axis=-1) + tf.linalg.matvec(x, output.bias) - softplus
     log_2pi = math.log(2 * math.pi)
     log_pz = -0.5 * tf.reduce_sum(tf.square(z) + log_2pi, axis=-1)
     log_qz = -0.5 * tf.reduce_sum(tf.square(eps) + log_var + log_2pi, axis=-1)
@@ -92,43 +214,6 @@ def iw_nll(model, x, eps):
     return -log_mean_exp(log_importance_weights(model, x, eps), axis=0)
 
 
-def compute_loss(model, x, eps):
-    """Negative ELBO: BCE summed over pixels plus KL, each averaged over the batch (nats/image)."""
-    logits, mu, log_var = model(x, eps)
-    rec = tf.reduce_mean(tf.reduce_sum(
-        tf.nn.sigmoid_cross_entropy_with_logits(labels=x, logits=logits), axis=-1))
-    kl = tf.reduce_mean(kl_divergence(mu, log_var))
-    return {"loss": rec + kl, "rec": rec, "kl": kl}
-
-
-def make_train_step(config, model, optimizer, generator):
-    """The step of one batch x: one update on rec + beta * kl (the negative ELBO for beta = 1,
-    Higgins et al. 2017 otherwise), eps drawn from generator; returns the losses of compute_loss."""
-    def train_step(x):
-        eps = generator.normal([tf.shape(x)[0], config.z_dim])
-        with tf.GradientTape() as tape:
-            losses = compute_loss(model, x, eps)
-            objective = losses["rec"] + config.beta * losses["kl"]
-        grads = tape.gradient(objective, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return losses
-    return train_step
-
-
-def latent_grid(n=10):
-    """z of the latent-plane map: the normal distribution's quantiles 5% .. 95% along each axis,
-    z_1 growing to the right and z_2 upwards (as in the Keras and TensorFlow VAE examples)."""
-    q = tf.math.ndtri(tf.linspace(0.05, 0.95, n))
-    z1, z2 = tf.meshgrid(q, q[::-1])
-    return tf.stack([tf.reshape(z1, [-1]), tf.reshape(z2, [-1])], axis=1)
-
-
-def bits_per_dim(nats, pixels):
-    """A negative log-likelihood in nats per image as bits per pixel value, as papers report it:
-    comparable across image sizes and channels."""
-    return nats / (pixels * math.log(2))
-
-
 def test_nll_iw(model, x_test, samples, seed, drawn_pixels=20000 * 784, decoded=5000):
     """Mean importance-weighted negative log-likelihood of the test set. The noise is drawn for
     chunks of images that decode about drawn_pixels pixels each, from a stateless seed per chunk;
@@ -139,119 +224,51 @@ def test_nll_iw(model, x_test, samples, seed, drawn_pixels=20000 * 784, decoded=
     estimate = tf.function(iw_nll, jit_compile=True)
     total = 0.0
     starts = range(0, len(x_test), chunk)
-    for i, start in utils.progress(enumerate(starts), len(starts), "importance-weighted estimate"):
+    for i, start in progress(enumerate(starts), len(starts), "importance-weighted estimate"):
         x = x_test[start:start + chunk]
-        eps = tf.random.stateless_normal([samples, x.shape[0], model.fc2.units], seed=[seed, i])
+        eps = tf.random.stateless_normal([samples, x.shape[0], model.z_dim], seed=[seed, i])
         for j in range(0, x.shape[0], part):
             total += float(tf.reduce_sum(estimate(model, x[j:j + part], eps[:, j:j + part])))
     return total / len(x_test)
 
 
-def save_interpolations(model, x_test, shape, path):
-    """For 10 pairs of test images (2k, 2k + 1), 10 decodings along the line between their means."""
-    mu, _ = model.encode(x_test[:20])
-    a, b = mu[0::2, None, :], mu[1::2, None, :]
-    t = tf.linspace(0.0, 1.0, 10)[None, :, None]
-    z = tf.reshape((1 - t) * a + t * b, [100, -1])
-    utils.save_images(utils.to_uint8(tf.sigmoid(model.decode(z)), shape), path)
+def evaluate_run(config, model, data, x_test, run, started):
+    """The end of a run: interpolation.png, the importance-weighted estimate of the test
+    likelihood and the sample Frechet distance; all in summary.json."""
+    save_interpolations(model, x_test, data.shape, os.path.join(config.out, "interpolation.png"))
+    final = run.history[-1] if run.history else None
+    summary = run.summary(test_neg_elbo=float(final["test_loss"]) if final else None,
+                          iw_samples=config.iw_samples,
+                          test_nll_iw=test_nll_iw(model, x_test, config.iw_samples, config.seed))
+    for name in ("test_neg_elbo", "test_nll_iw"):
+        if summary[name] is not None:
+            summary[name + "_bits_per_dim"] = bits_per_dim(summary[name], data.pixels)
+    print(f"test negative log-likelihood, importance-weighted with {config.iw_samples} "
+          f"samples: {summary['test_nll_iw']:.2f} nats/image, "
+          f"{summary['test_nll_iw_bits_per_dim']:.4f} bits/dim (negative ELBO "
+          f"{summary['test_neg_elbo']:.2f})", flush=True)
+    summary["sample_fd"] = quality.sample_quality(  # decoded z ~ N(0, I)
+        data, SCRIPT.prog, lambda n: utils.decode_prior(model.decode, n, config.z_dim, [config.seed, 3]),
+        config.fd_samples)
+    run.write_summary(summary, started)
 
 
-def train(config):
-    """Train a VAE as config says, writing into config.out; return the history rows."""
-    started = time.perf_counter()
-    data = utils.load_data(config)
-    with utils.Run(config, "vae.py", data) as run:
-        data.report("vae.py")
-        # uint8, scaled per batch in the step
-        x_train = tf.constant(data.x_train.reshape(len(data.x_train), -1))
-        x_test = tf.constant(data.x_test.reshape(len(data.x_test), -1), tf.float32) / 255.0
-        x_probe = x_test[:50]  # the same test images in every epoch's grid
-
-        keras.utils.set_random_seed(config.seed)
-        model = VAE(config.z_dim, data.pixels)
-        generator = tf.random.Generator.from_seed(config.seed)  # shuffling and eps
-        # Fixed probes, drawn once and kept in the checkpoints: z for the sample grid, eps for a
-        # test ELBO that changes only when the model does.
-        z_sample = tf.Variable(generator.normal([100, config.z_dim]), trainable=False)
-        eps_test = tf.Variable(generator.normal([x_test.shape[0], config.z_dim]), trainable=False)
-        z_plane = latent_grid() if config.z_dim == 2 else None
-        model(x_probe, eps_test[:50])  # create the weights
-        optimizer = keras.optimizers.Adam(config.lr)
-        optimizer.build(model.trainable_variables)
-
-        def evaluate():  # the test figures and the grids' images, in the epoch's compiled call
-            x_hat = tf.sigmoid(model(x_probe, eps_test[:50])[0])
-            grids = {"sample": tf.sigmoid(model.decode(z_sample))}
-            if z_plane is not None:
-                grids["manifold"] = tf.sigmoid(model.decode(z_plane))
-            return compute_loss(model, x_test, eps_test), x_hat, grids
-
-        train_epoch = utils.compile_epoch(make_train_step(config, model, optimizer, generator),
-                                          ["loss", "rec", "kl"], generator, config.batch_size,
-                                          evaluate)
-
-        first = run.restore(model=model, optimizer=optimizer, generator=generator,
-                            z_sample=z_sample, eps_test=eps_test)
-        for epoch in run.epochs(first):
-            start = time.perf_counter()
-            train_losses, (test_losses, x_hat, decoded) = run.call(train_epoch, x_train)
-            seconds = time.perf_counter() - start
-            row = {"epoch": epoch, "seconds": round(seconds, 3)}
-            for split, losses in (("train", train_losses), ("test", test_losses)):
-                row.update({f"{split}_{k}": float(losses[k]) for k in ("rec", "kl", "loss")})
-            row["beta"] = config.beta
-            row["test_bits_per_dim"] = bits_per_dim(row["test_loss"], data.pixels)
-            grids = {"rec": utils.pair_grid(x_probe, x_hat, data.shape)}
-            grids.update({name: utils.to_uint8(images, data.shape) for name, images in decoded.items()})
-            run.end_epoch(row, grids, f"train loss {row['train_loss']:.2f}  test loss "
-                          f"{row['test_loss']:.2f} = rec {row['test_rec']:.2f} + kl "
-                          f"{row['test_kl']:.2f} (nats/image; {row['test_bits_per_dim']:.4f} "
-                          "bits/dim)")
-        run.save_weights(model, "vae.weights.h5")
-        run.save_progress("sample")
-
-        save_interpolations(model, x_test, data.shape, f"{config.out}/interpolation.png")
-        final = run.history[-1] if run.history else None
-        summary = {
-            "flags": vars(config),
-            "data": data.description(),
-            "final": final,
-            "train_seconds": round(sum(float(r["seconds"]) for r in run.history), 1),
-            "test_neg_elbo": float(final["test_loss"]) if final else None,
-            "iw_samples": config.iw_samples,
-            "test_nll_iw": test_nll_iw(model, x_test, config.iw_samples, config.seed),
-        }
-        for name in ("test_neg_elbo", "test_nll_iw"):
-            if summary[name] is not None:
-                summary[name + "_bits_per_dim"] = bits_per_dim(summary[name], data.pixels)
-        print(f"test negative log-likelihood, importance-weighted with {config.iw_samples} "
-              f"samples: {summary['test_nll_iw']:.2f} nats/image, "
-              f"{summary['test_nll_iw_bits_per_dim']:.4f} bits/dim (negative ELBO "
-              f"{summary['test_neg_elbo']:.2f})", flush=True)
-
-        def generate(n):  # decoded z ~ N(0, I)
-            z = tf.random.stateless_normal([n, config.z_dim], seed=[config.seed, 3])
-            return np.concatenate([tf.sigmoid(model.decode(z[i:i + 10000])).numpy()
-                                   for i in range(0, n, 10000)])
-        summary["sample_fd"] = utils.sample_quality(data, "vae.py", generate, config.fd_samples)
-        summary["total_seconds"] = round(time.perf_counter() - started, 1)
-        utils.write_json(f"{config.out}/summary.json", summary)
-        return run.history
-
+# --- The command line -------------------------------------------------------------------------
 
 def make_parser():
-    parser = utils.make_parser(__doc__.splitlines()[0], epochs=1000, out="images/vae")
-    parser.add_argument("--z-dim", type=utils.positive(int), default=10, metavar="N",
+    parser = cli.make_parser(__doc__.splitlines()[0], epochs=1000, out="images/vae")
+    parser.add_argument("--z-dim", type=cli.positive(int), default=10, metavar="N",
                         help="size of the latent code z (2 adds the latent-plane map)")
-    parser.add_argument("--beta", type=utils.positive(float), default=1.0, metavar="B",
+    parser.add_argument("--beta", type=cli.positive(float), default=1.0, metavar="B",
                         help="weight of the KL term in the training loss (beta-VAE)")
-    parser.add_argument("--iw-samples", type=utils.positive(int), default=1000, metavar="K",
+    parser.add_argument("--iw-samples", type=cli.positive(int), default=1000, metavar="K",
                         help="samples per test image for the importance-weighted likelihood")
     return parser
 
 
 def main(argv=None):
-    utils.run_main("vae.py", train, make_parser(), argv)
+    """Train a VAE as the command line (or argv) says."""
+    cli.run_main(SCRIPT, train, make_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -60,13 +60,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import utils  # noqa: E402  (first: it loads TensorFlow quietly)
+import tool.quiet  # noqa: E402,F401  (first: TensorFlow loads quietly)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
 import ae  # noqa: E402
 import vae  # noqa: E402
+import tool.data  # noqa: E402
+import tool.quality  # noqa: E402
+import tool.sources  # noqa: E402
 
 BATCH = 512
 WIDTHS = {"ae.py": [784, 256, 128, 20, 128, 256, 784],  # the Dense layers, input to output
@@ -343,7 +346,7 @@ def main():
     device = (f"GPU: {tf.config.experimental.get_device_details(gpus[0]).get('device_name', gpus[0].name)}"
               if gpus else f"CPU: {cpu_model()}, {os.cpu_count()} cores")
     print(f"{device}; TensorFlow {tf.__version__}", flush=True)
-    (x_train, _), (x_test, _) = utils.load_fashion_mnist(args.data_dir)
+    (x_train, _), (x_test, _) = tool.sources.load_fashion_mnist(args.data_dir)
     x_train, x_test = x_train.reshape(-1, 784), x_test.reshape(-1, 784)
     loops = {"eager": lambda s: tf_loop(s, x_train, x_test, args.loop_epochs, compiled=False),
              "per-step": lambda s: tf_loop(s, x_train, x_test, args.loop_epochs, compiled=True)}
@@ -422,8 +425,8 @@ def overhead_benchmark(args):
     print(f"{device}; TensorFlow {tf.__version__}", flush=True)
     config = argparse.Namespace(dataset="fashion-mnist", data_dir=args.data_dir, image_size=None,
                                 channels=None, test_split=0.1, strict=False, max_memory=None)
-    data = utils.load_data(config)
-    utils.SampleQuality(data, "benchmark")  # trained once per machine, then read from its cache
+    data = tool.sources.load_data(config)
+    tool.quality.SampleQuality(data, "benchmark")  # trained once per machine, then read from its cache
     if args.epochs_given and args.epochs < 2:
         sys.exit("benchmark: --overhead needs --epochs 2 or more (the time between two epochs)")
     extra = ["--epochs", str(args.epochs)] if args.epochs_given else []
@@ -459,10 +462,10 @@ def export_pngs(root, data):
     start = time.perf_counter()
     from PIL import Image
     for split, (x, y) in zip(("train", "test"), data):
-        for label, name in enumerate(utils.CLASS_NAMES):
+        for label, name in enumerate(tool.data.CLASS_NAMES):
             os.makedirs(os.path.join(root, split, f"{label}-{name.replace('/', '-')}"))
         for k, (image, label) in enumerate(zip(x, y)):
-            name = utils.CLASS_NAMES[label].replace("/", "-")
+            name = tool.data.CLASS_NAMES[label].replace("/", "-")
             Image.fromarray(image).save(os.path.join(root, split, f"{label}-{name}", f"{k:05d}.png"))
     return sum(len(x) for x, _ in data), time.perf_counter() - start
 
@@ -474,7 +477,7 @@ def as_set(x, y):
 def folder_benchmark(args):
     device = f"CPU: {cpu_model()}, {os.cpu_count()} cores"
     print(f"{device}; TensorFlow {tf.__version__}", flush=True)
-    idx = utils.load_fashion_mnist(args.data_dir)
+    idx = tool.sources.load_fashion_mnist(args.data_dir)
     if args.export and os.path.exists(args.export):
         sys.exit(f"benchmark: --export {args.export} exists already; name a new folder")
     with (contextlib.nullcontext(args.export) if args.export else tempfile.TemporaryDirectory()) as root:
@@ -485,7 +488,7 @@ def folder_benchmark(args):
         loads = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            data = utils.load_data(config)
+            data = tool.sources.load_data(config)
             loads.append(time.perf_counter() - start)
         same = (as_set(data.x_train, data.y_train) == as_set(*idx[0])
                 and as_set(data.x_test, data.y_test) == as_set(*idx[1]))

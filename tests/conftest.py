@@ -20,7 +20,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["KERAS_HOME"] = tempfile.mkdtemp(prefix="keras-home-")
 atexit.register(shutil.rmtree, os.environ["KERAS_HOME"], ignore_errors=True)
 
-import utils  # noqa: E402
+import tool.quiet  # noqa: E402,F401  (first: TensorFlow loads quietly)
+import tool.sources  # noqa: E402
 
 
 def idx_bytes(array, magic=None):
@@ -53,7 +54,7 @@ def write_dataset(folder, n_train=600, n_test=100):
     (x_train, y_train), (x_test, y_test) = make_images(n_train, 0), make_images(n_test, 1)
     for name, array in (("train_images", x_train), ("train_labels", y_train),
                         ("test_images", x_test), ("test_labels", y_test)):
-        write_gz(os.path.join(folder, utils.FILES[name]), idx_bytes(array))
+        write_gz(os.path.join(folder, tool.sources.FILES[name]), idx_bytes(array))
     return (x_train, y_train), (x_test, y_test)
 
 

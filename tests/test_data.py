@@ -7,12 +7,17 @@ import json
 import os
 import time
 
+import keras
 import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import main, make_images, write_dataset
-import utils
+import tool.cli
+import tool.data
+import tool.errors
+import tool.folders
+import tool.sources
 
 
 def config(dataset, **flags):
@@ -53,7 +58,7 @@ def values_and_labels(x, y):
 def test_a_train_test_folder_gives_its_split_and_class_labels(tmp_path):
     truth = write_split_folder(tmp_path)
     save(str(tmp_path / "val" / "cat" / "x.png"), gray(7))  # not in train/ or test/: not used
-    data = utils.load_data(config(tmp_path))
+    data = tool.sources.load_data(config(tmp_path))
     assert data.x_train.shape == (60, 6, 5, 1) and data.x_test.shape == (50, 6, 5, 1)
     assert data.class_names == ["cat", "dog"]
     assert values_and_labels(data.x_train, data.y_train) == {
@@ -67,8 +72,8 @@ def test_nested_folders_take_the_class_of_their_top_folder_and_the_order_is_fixe
     for k in range(600):
         deeper = "a/b/c" if k % 3 == 0 else "a" if k % 3 == 1 else "z/y"
         save(str(tmp_path / deeper / f"{k:03d}.png"), gray(k % 256))
-    first = utils.load_data(config(tmp_path))
-    again = utils.load_data(config(tmp_path))
+    first = tool.sources.load_data(config(tmp_path))
+    again = tool.sources.load_data(config(tmp_path))
     assert first.class_names == ["a", "z"]
     np.testing.assert_array_equal(first.x_train, again.x_train)
     # the label follows the folder right under the root
@@ -82,7 +87,7 @@ def test_the_test_split_is_a_hash_of_the_path_so_new_files_move_no_other(tmp_pat
     for k in range(700):
         save(str(tmp_path / f"{k:03d}.png"), gray(k % 256, (2, 2)) + np.uint8([[0, 0], [0, k // 256]]))
     def test_files(c):
-        data = utils.load_data(c)
+        data = tool.sources.load_data(c)
         return {(int(x[0, 0, 0]), int(x[1, 1, 0])) for x in data.x_test}
     before = test_files(config(tmp_path))
     assert 40 < len(before) < 110  # about 10% of 700
@@ -108,11 +113,11 @@ def test_transparent_palette_and_sixteen_bit_images_are_converted_as_stated(tmp_
     save(str(tmp_path / "test" / "wide.png"), np.full((6, 5), 32896, np.uint16))  # 128 of 255
     for k in range(50):
         save(str(tmp_path / "test" / f"gray{k}.bmp"), gray(10))
-    data = utils.load_data(config(tmp_path))
+    data = tool.sources.load_data(config(tmp_path))
     assert data.shape == (6, 5, 3)  # colour images among them: three channels
     pixels = {tuple(int(v) for v in x[0, 0]) for x in data.x_test}
     assert pixels == {(128, 0, 0), (0, 0, 255), (128, 128, 128), (10, 10, 10)}
-    one = utils.load_data(config(tmp_path, channels=1))
+    one = tool.sources.load_data(config(tmp_path, channels=1))
     values = {int(x[0, 0, 0]) for x in one.x_test}
     # Pillow's luma: L = R * 299/1000 + G * 587/1000 + B * 114/1000
     assert values == {round(128 * 0.299), round(255 * 0.114), 128, 10}
@@ -120,8 +125,8 @@ def test_transparent_palette_and_sixteen_bit_images_are_converted_as_stated(tmp_
 
 def test_gray_images_give_one_channel_and_channels_3_repeats_it(tmp_path):
     write_split_folder(tmp_path)
-    assert utils.load_data(config(tmp_path)).shape == (6, 5, 1)
-    data = utils.load_data(config(tmp_path, channels=3))
+    assert tool.sources.load_data(config(tmp_path)).shape == (6, 5, 1)
+    data = tool.sources.load_data(config(tmp_path, channels=3))
     assert data.shape == (6, 5, 3)
     assert (data.x_train[..., 0] == data.x_train[..., 2]).all()
 
@@ -136,7 +141,7 @@ def test_every_supported_type_is_read(tmp_path):
         save(str(tmp_path / "test" / name), image, **options)
     for k in range(50):
         save(str(tmp_path / "test" / f"x{k}.png"), image)
-    data = utils.load_data(config(tmp_path))
+    data = tool.sources.load_data(config(tmp_path))
     assert len(data.x_test) == 56 and not data.notes
     exact = [x for x in data.x_test if (x == image).all()]
     assert len(exact) >= 53  # PNG, BMP, lossless WebP (GIF's palette and JPEG are lossy)
@@ -145,13 +150,13 @@ def test_every_supported_type_is_read(tmp_path):
 def test_mixed_sizes_ask_for_image_size_which_resizes_with_lanczos(tmp_path):
     write_split_folder(tmp_path, size=(6, 5))
     save(str(tmp_path / "train" / "cat" / "big.png"), np.arange(120, dtype=np.uint8).reshape(12, 10))
-    with pytest.raises(utils.DataError, match=r"2 sizes \(6x5 \(110\), 12x10 \(1\)\).*--image-size 6x5"):
-        utils.load_data(config(tmp_path))
-    data = utils.load_data(config(tmp_path, image_size=[6, 5]))
+    with pytest.raises(tool.errors.DataError, match=r"2 sizes \(6x5 \(110\), 12x10 \(1\)\).*--image-size 6x5"):
+        tool.sources.load_data(config(tmp_path))
+    data = tool.sources.load_data(config(tmp_path, image_size=[6, 5]))
     expected = np.asarray(Image.fromarray(np.arange(120, dtype=np.uint8).reshape(12, 10)).resize(
         (5, 6), Image.Resampling.LANCZOS))
     assert any((x[..., 0] == expected).all() for x in data.x_train)
-    assert utils.load_data(config(tmp_path, image_size=[3, 4])).shape == (3, 4, 1)
+    assert tool.sources.load_data(config(tmp_path, image_size=[3, 4])).shape == (3, 4, 1)
 
 
 def test_unreadable_and_other_files_are_skipped_counted_and_named(tmp_path):
@@ -165,15 +170,15 @@ def test_unreadable_and_other_files_are_skipped_counted_and_named(tmp_path):
     (tmp_path / "train" / ".hidden.png").write_bytes(b"ignored")
     (tmp_path / "train" / ".git").mkdir()
     (tmp_path / "train" / ".git" / "object.png").write_bytes(b"ignored too")
-    data = utils.load_data(config(tmp_path))
+    data = tool.sources.load_data(config(tmp_path))
     assert len(data.x_train) == 60
     assert len(data.notes) == 1
     assert data.notes[0].startswith(
         "skipped 3 of 113 files: 2 unreadable (train/cat/broken.png (UnidentifiedImageError: "
         f"cannot identify image file '{tmp_path}/train/cat/broken.png'), train/dog/cut.png (")
     assert data.notes[0].endswith("); 1 not an image (train/notes.txt)")
-    with pytest.raises(utils.DataError, match=r"1 image file could not be read \(train/cat/broken.png.*--strict allows none"):
-        utils.load_data(config(tmp_path, strict=True))
+    with pytest.raises(tool.errors.DataError, match=r"1 image file could not be read \(train/cat/broken.png.*--strict allows none"):
+        tool.sources.load_data(config(tmp_path, strict=True))
 
 
 @pytest.mark.parametrize("case, message", [
@@ -198,32 +203,32 @@ def test_bad_folders_get_one_line(tmp_path, case, message):
     if case == "all-broken":
         (root / "a.png").write_bytes(b"no")
         (root / "b.jpg").write_bytes(b"no")
-    with pytest.raises(utils.DataError, match=message):
-        utils.load_data(config(root))
+    with pytest.raises(tool.errors.DataError, match=message):
+        tool.sources.load_data(config(root))
 
 
 def test_data_beyond_max_memory_are_refused_before_decoding(tmp_path, monkeypatch):
     write_split_folder(tmp_path, size=(20, 30))
-    monkeypatch.setattr(utils, "decode_image", lambda job: pytest.fail("decoded"))
+    monkeypatch.setattr(tool.folders, "decode_image", lambda job: pytest.fail("decoded"))
     # 66,000 bytes of pixels, which a run holds about three times over
-    with pytest.raises(utils.DataError, match=r"110 images of 20x30x1 need about 0.2 MiB of memory "
+    with pytest.raises(tool.errors.DataError, match=r"110 images of 20x30x1 need about 0.2 MiB of memory "
                        r"to train on, more than --max-memory \(0.1 MiB\); use a smaller --image-size"):
-        utils.load_data(config(tmp_path, max_memory=100000))
-    monkeypatch.setattr(utils, "available_memory", lambda: 2 * 1000)
-    with pytest.raises(utils.DataError, match=r"more than half the memory available"):
-        utils.load_data(config(tmp_path))
+        tool.sources.load_data(config(tmp_path, max_memory=100000))
+    monkeypatch.setattr(tool.data, "available_memory", lambda: 2 * 1000)
+    with pytest.raises(tool.errors.DataError, match=r"more than half the memory available"):
+        tool.sources.load_data(config(tmp_path))
 
 
 def test_one_class_folder_or_loose_images_give_no_labels(tmp_path):
     write_split_folder(tmp_path, classes=("only",))
-    data = utils.load_data(config(tmp_path))
+    data = tool.sources.load_data(config(tmp_path))
     assert data.y_train is None and "no labels (one class folder, only)" in data.summary()
     save(str(tmp_path / "train" / "loose.png"), gray(3))
     write_split_folder(tmp_path / "two", classes=("a", "b"))
-    data = utils.load_data(config(tmp_path / "two"))
+    data = tool.sources.load_data(config(tmp_path / "two"))
     assert data.y_train is not None
     save(str(tmp_path / "two" / "train" / "loose.png"), gray(3))
-    data = utils.load_data(config(tmp_path / "two"))
+    data = tool.sources.load_data(config(tmp_path / "two"))
     assert data.y_train is None and "1 images are not in a class folder" in data.summary()
 
 
@@ -231,10 +236,10 @@ def test_a_fashion_mnist_export_loads_back_as_the_idx_files_give_it(tmp_path):
     (x_train, y_train), (x_test, y_test) = write_dataset(str(tmp_path / "idx"), 120, 60)
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         for k, (image, label) in enumerate(zip(x, y)):
-            save(str(tmp_path / "png" / split / f"{label}-{utils.CLASS_NAMES[label].replace('/', '-')}"
+            save(str(tmp_path / "png" / split / f"{label}-{tool.data.CLASS_NAMES[label].replace('/', '-')}"
                      / f"{k:05d}.png"), image)
-    idx = utils.load_data(config("fashion-mnist", data_dir=str(tmp_path / "idx")))
-    png = utils.load_data(config(tmp_path / "png"))
+    idx = tool.sources.load_data(config("fashion-mnist", data_dir=str(tmp_path / "idx")))
+    png = tool.sources.load_data(config(tmp_path / "png"))
     for split in ("train", "test"):
         a, b = ([(int(y), x.tobytes()) for x, y in zip(getattr(d, "x_" + split), getattr(d, "y_" + split))]
                 for d in (idx, png))
@@ -250,7 +255,7 @@ def slow_at_first(k):
 
 
 def test_parallel_map_keeps_the_order_across_processes():
-    assert list(utils.parallel_map(slow_at_first, range(3500))) == list(range(3500))
+    assert list(tool.folders.parallel_map(slow_at_first, range(3500))) == list(range(3500))
 
 
 # --- .npz files and MNIST --------------------------------------------------------------------------
@@ -266,15 +271,15 @@ def test_an_npz_file_loads_with_its_labels_and_rgb_shape(tmp_path):
     x_test = rng.integers(0, 256, (50, 4, 3, 3), dtype=np.uint8)
     path = write_npz(tmp_path / "d.npz", x_train=x_train, x_test=x_test,
                      y_train=np.arange(60) % 4, y_test=np.arange(50) % 4)
-    data = utils.load_data(config(path))
+    data = tool.sources.load_data(config(path))
     np.testing.assert_array_equal(data.x_train, x_train)
     assert data.shape == (4, 3, 3) and data.class_names == ["0", "1", "2", "3"]
     gray = write_npz(tmp_path / "g.npz", x_train=x_train[..., 0], x_test=x_test[..., 0])
-    data = utils.load_data(config(gray))
+    data = tool.sources.load_data(config(gray))
     assert data.shape == (4, 3, 1) and data.y_train is None and "no labels" in data.summary()
     equal = write_npz(tmp_path / "e.npz", x_train=np.repeat(x_train[..., :1], 3, -1),
                       x_test=np.repeat(x_test[..., :1], 3, -1))
-    assert utils.load_data(config(equal)).shape == (4, 3, 1)  # three equal channels are gray
+    assert tool.sources.load_data(config(equal)).shape == (4, 3, 1)  # three equal channels are gray
 
 
 @pytest.mark.parametrize("arrays, message", [
@@ -296,14 +301,14 @@ def test_an_npz_file_loads_with_its_labels_and_rgb_shape(tmp_path):
      "60 training and 10 test images; at least 50 of each"),
 ])
 def test_bad_npz_files_get_one_line(tmp_path, arrays, message):
-    with pytest.raises(utils.DataError, match=message):
-        utils.load_data(config(write_npz(tmp_path / "d.npz", **arrays)))
+    with pytest.raises(tool.errors.DataError, match=message):
+        tool.sources.load_data(config(write_npz(tmp_path / "d.npz", **arrays)))
 
 
 def test_a_file_that_is_not_npz_gets_one_line(tmp_path):
     (tmp_path / "d.npz").write_bytes(b"PK\x03\x04 broken")
-    with pytest.raises(utils.DataError, match="not a readable .npz file"):
-        utils.load_data(config(tmp_path / "d.npz"))
+    with pytest.raises(tool.errors.DataError, match="not a readable .npz file"):
+        tool.sources.load_data(config(tmp_path / "d.npz"))
 
 
 def test_mnist_comes_from_data_dir_then_keras_cache_then_download(tmp_path, monkeypatch):
@@ -311,44 +316,44 @@ def test_mnist_comes_from_data_dir_then_keras_cache_then_download(tmp_path, monk
     folder = tmp_path / "mine"
     folder.mkdir()
     write_npz(folder / "mnist.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-    data = utils.load_data(config("mnist", data_dir=str(folder)))
+    data = tool.sources.load_data(config("mnist", data_dir=str(folder)))
     np.testing.assert_array_equal(data.x_train[..., 0], x_train)
     assert data.class_names == [str(d) for d in range(10)] and data.source == "MNIST"
-    with pytest.raises(utils.DataError, match="no mnist.npz there"):
-        utils.load_data(config("mnist", data_dir=str(tmp_path)))
+    with pytest.raises(tool.errors.DataError, match="no mnist.npz there"):
+        tool.sources.load_data(config("mnist", data_dir=str(tmp_path)))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
     os.makedirs(tmp_path / "keras" / "datasets")
     os.replace(folder / "mnist.npz", tmp_path / "keras" / "datasets" / "mnist.npz")
-    np.testing.assert_array_equal(utils.load_data(config("mnist")).y_test, y_test)
+    np.testing.assert_array_equal(tool.sources.load_data(config("mnist")).y_test, y_test)
     os.remove(tmp_path / "keras" / "datasets" / "mnist.npz")
 
     def offline():
         raise OSError("no network")
-    monkeypatch.setattr(utils.keras.datasets.mnist, "load_data", offline)
-    with pytest.raises(utils.DataError, match=r"MNIST not found and the download failed.*--data-dir"):
-        utils.load_data(config("mnist"))
+    monkeypatch.setattr(keras.datasets.mnist, "load_data", offline)
+    with pytest.raises(tool.errors.DataError, match=r"MNIST not found and the download failed.*--data-dir"):
+        tool.sources.load_data(config("mnist"))
 
 
 def test_data_dir_with_a_path_dataset_is_refused(tmp_path):
-    with pytest.raises(utils.DataError, match="--data-dir is for --dataset fashion-mnist or mnist"):
-        utils.load_data(config(tmp_path, data_dir=str(tmp_path)))
+    with pytest.raises(tool.errors.DataError, match="--data-dir is for --dataset fashion-mnist or mnist"):
+        tool.sources.load_data(config(tmp_path, data_dir=str(tmp_path)))
 
 
 @pytest.mark.parametrize("text, value", [("28x28", [28, 28]), ("32", [32, 32]), ("64X48", [64, 48])])
 def test_image_size_flag(text, value):
-    assert utils.parse_size(text) == value
+    assert tool.cli.parse_size(text) == value
 
 
 @pytest.mark.parametrize("text", ["0x28", "28x", "axb", "1x2x3"])
 def test_image_size_flag_refuses(text):
     with pytest.raises(argparse.ArgumentTypeError):
-        utils.parse_size(text)
+        tool.cli.parse_size(text)
 
 
 @pytest.mark.parametrize("text, value", [("8G", 8 * 2**30), ("500M", 500 * 2**20), ("1.5GiB", 3 * 2**29),
                                          ("1000", 1000)])
 def test_max_memory_flag(text, value):
-    assert utils.parse_bytes(text) == value
+    assert tool.cli.parse_bytes(text) == value
 
 
 # --- the scripts on such data ----------------------------------------------------------------------
@@ -425,10 +430,10 @@ def test_a_gray_palette_counts_as_gray_and_a_coloured_one_as_colour(tmp_path):
     image = Image.new("P", (5, 6))
     image.putpalette([v for k in range(256) for v in (k, k, k)])  # gray levels only
     image.save(tmp_path / "train" / "cat" / "palette.png")
-    assert utils.load_data(config(tmp_path)).shape == (6, 5, 1)
+    assert tool.sources.load_data(config(tmp_path)).shape == (6, 5, 1)
     image.putpalette([v for k in range(256) for v in (k, 0, 0)])
     image.save(tmp_path / "train" / "cat" / "palette.png")
-    assert utils.load_data(config(tmp_path)).shape == (6, 5, 3)
+    assert tool.sources.load_data(config(tmp_path)).shape == (6, 5, 3)
 
 
 def test_a_linked_class_folder_is_followed_once_and_a_link_loop_ends(tmp_path):
@@ -439,44 +444,44 @@ def test_a_linked_class_folder_is_followed_once_and_a_link_loop_ends(tmp_path):
         os.symlink(tmp_path / "real" / split / "cat", root / split / "cat")
         os.symlink(tmp_path / "real" / split / "dog", root / split / "dog")
     os.symlink(root, root / "train" / "cat" / "loop")  # a folder linking back up
-    data = utils.load_data(config(root))
+    data = tool.sources.load_data(config(root))
     assert data.class_names == ["cat", "dog"] and len(data.x_train) == 60 and len(data.x_test) == 50
 
 
 def test_a_train_folder_without_a_test_folder_is_named(tmp_path):
     write_split_folder(tmp_path)
     os.rename(tmp_path / "test", tmp_path / "other")
-    with pytest.raises(utils.DataError, match=r"has a train/ folder of images but no test/ one"):
-        utils.load_data(config(tmp_path))
+    with pytest.raises(tool.errors.DataError, match=r"has a train/ folder of images but no test/ one"):
+        tool.sources.load_data(config(tmp_path))
 
 
 def test_moving_an_image_between_splits_changes_the_data_description(tmp_path):
     write_split_folder(tmp_path, n_test=51, classes=("only",))
-    before = utils.load_data(config(tmp_path)).description()["sha256"]
+    before = tool.sources.load_data(config(tmp_path)).description()["sha256"]
     # the first test image becomes the last training one: the pixels, end to end, stay the same
     os.rename(tmp_path / "test" / "only" / "000.png", tmp_path / "train" / "only" / "zz.png")
-    assert utils.load_data(config(tmp_path)).description()["sha256"] != before
+    assert tool.sources.load_data(config(tmp_path)).description()["sha256"] != before
 
 
 def test_npz_labels_are_renumbered_in_order_and_empty_images_refused(tmp_path):
     x = np.zeros((60, 4, 4), np.uint8)
     path = write_npz(tmp_path / "d.npz", x_train=x, x_test=x, y_train=np.arange(60) % 2 * 3_000_000_000,
                      y_test=np.arange(60) % 2 * 3_000_000_000)
-    data = utils.load_data(config(path))
+    data = tool.sources.load_data(config(path))
     assert data.class_names == ["0", "3000000000"] and set(data.y_train) == {0, 1}
     empty = write_npz(tmp_path / "e.npz", x_train=np.zeros((60, 0, 5), np.uint8),
                       x_test=np.zeros((60, 0, 5), np.uint8))
-    with pytest.raises(utils.DataError, match=r"shape \(60, 0, 5\)"):
-        utils.load_data(config(empty))
+    with pytest.raises(tool.errors.DataError, match=r"shape \(60, 0, 5\)"):
+        tool.sources.load_data(config(empty))
 
 
 @pytest.mark.parametrize("text", ["inf", "1e400", "0.5", "0"])
 def test_max_memory_flag_refuses(text):
     with pytest.raises(argparse.ArgumentTypeError):
-        utils.parse_bytes(text)
+        tool.cli.parse_bytes(text)
 
 
 @pytest.mark.parametrize("text", ["1", "-3"])
 def test_fd_samples_needs_none_or_two_at_least(text):
     with pytest.raises(argparse.ArgumentTypeError):
-        utils.sample_count(text)
+        tool.cli.sample_count(text)

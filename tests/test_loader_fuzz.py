@@ -6,7 +6,8 @@ import tracemalloc
 import numpy as np
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import utils
+import tool.errors
+import tool.sources
 from conftest import idx_bytes, write_dataset
 
 N_TRAIN, N_TEST = 6, 4
@@ -55,15 +56,15 @@ def mutations(draw):
 def test_every_mutation_ends_in_the_loaders_error(tmp_path, mutation):
     name, data = mutation
     for good_name, raw in GOOD.items():
-        with open(tmp_path / utils.FILES[good_name], "wb") as f:
+        with open(tmp_path / tool.sources.FILES[good_name], "wb") as f:
             f.write(gzip.compress(raw))
-    path = str(tmp_path / utils.FILES[name])
+    path = str(tmp_path / tool.sources.FILES[name])
     with open(path, "wb") as f:
         f.write(data)
     tracemalloc.start()
     try:
-        utils.load_fashion_mnist(str(tmp_path))
-    except utils.DataError as e:  # a ValueError
+        tool.sources.load_fashion_mnist(str(tmp_path))
+    except tool.errors.DataError as e:  # a ValueError
         message = str(e)
     else:
         raise AssertionError(f"mutated {name} loaded without error")
@@ -77,5 +78,5 @@ def test_every_mutation_ends_in_the_loaders_error(tmp_path, mutation):
 
 def test_the_unmutated_files_load(tmp_path):
     write_dataset(str(tmp_path), n_train=N_TRAIN, n_test=N_TEST)
-    (x_train, _), (x_test, _) = utils.load_fashion_mnist(str(tmp_path))
+    (x_train, _), (x_test, _) = tool.sources.load_fashion_mnist(str(tmp_path))
     assert x_train.shape == (N_TRAIN, 28, 28) and x_test.shape == (N_TEST, 28, 28)

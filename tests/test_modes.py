@@ -11,6 +11,7 @@ from PIL import Image
 
 import ae
 import utils
+import tool.codes
 import vae
 from conftest import main, make_config
 
@@ -205,7 +206,7 @@ def test_the_training_step_descends_the_loss_chosen(monkeypatch, loss):
 def test_code_statistics():
     rng = np.random.default_rng(0)
     codes = rng.normal([3.0, -1.0], [2.0, 0.5], size=(200_000, 2))
-    stats = utils.code_statistics(codes)
+    stats = tool.codes.code_statistics(codes)
     assert stats["code_mean_abs"] == pytest.approx((3 + 1) / 2, abs=0.01)
     assert stats["code_std_dev_from_1"] == pytest.approx((1 + 0.5) / 2, abs=0.01)
 
@@ -216,11 +217,11 @@ def test_pca_reconstructs_data_in_a_k_dimensional_subspace_exactly():
     rng = np.random.default_rng(1)
     basis = np.linalg.qr(rng.normal(size=(50, 3)))[0].T  # 3 orthonormal directions in 50-D
     x = 5.0 + rng.normal(size=(400, 3)) @ basis
-    mean, components = utils.fit_pca(x, 3)
+    mean, components = tool.codes.fit_pca(x, 3)
     reconstruction = ((x - mean) @ components.T) @ components + mean
     np.testing.assert_allclose(reconstruction, x, atol=1e-9)
     np.testing.assert_allclose(components @ components.T, np.eye(3), atol=1e-12)
-    _, two = utils.fit_pca(x, 2)
+    _, two = tool.codes.fit_pca(x, 2)
     assert np.abs(((x - mean) @ two.T) @ two + mean - x).max() > 0.01  # one direction short
 
 
@@ -233,7 +234,7 @@ def test_pca_of_uint8_pixels_in_chunks_is_the_svd_of_the_centred_floats(n, d):
     _, s, vt = np.linalg.svd(centred, full_matrices=False)
     k = 4
     for chunk in (7, 4096):
-        mean, components = utils.fit_pca(x, k, chunk=chunk)
+        mean, components = tool.codes.fit_pca(x, k, chunk=chunk)
         np.testing.assert_allclose(mean, x.mean(0), rtol=1e-12)
         signs = np.sign((components * vt[:k]).sum(1))  # the same direction, either way round
         np.testing.assert_allclose(components, vt[:k] * signs[:, None], atol=1e-8)
@@ -247,7 +248,7 @@ def test_pca_of_many_rows_takes_no_float_copy_of_them():
     import tracemalloc
     x = np.random.default_rng(5).integers(0, 256, (20000, 64), dtype=np.uint8)
     tracemalloc.start()
-    utils.fit_pca(x, 3)
+    tool.codes.fit_pca(x, 3)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < x.size * 8 / 2, peak
@@ -269,9 +270,9 @@ def test_knn_accuracy_on_separable_and_on_mixed_classes():
     rng = np.random.default_rng(2)
     labels = rng.integers(0, 3, 300)
     codes = labels[:, None] * 10.0 + rng.normal(size=(300, 2))
-    assert utils.knn_accuracy(codes[:200], labels[:200], codes[200:], labels[200:]) == 1.0
+    assert tool.codes.knn_accuracy(codes[:200], labels[:200], codes[200:], labels[200:]) == 1.0
     shuffled = rng.permutation(labels)
-    assert utils.knn_accuracy(codes[:200], shuffled[:200], codes[200:], shuffled[200:]) < 0.6
+    assert tool.codes.knn_accuracy(codes[:200], shuffled[:200], codes[200:], shuffled[200:]) < 0.6
 
 
 def test_knn_among_duplicate_codes_takes_the_earliest_whatever_the_chunk():
@@ -286,7 +287,7 @@ def test_knn_among_duplicate_codes_takes_the_earliest_whatever_the_chunk():
         labels = np.concatenate([np.zeros(250, int), np.full(5, 3), np.zeros(250, int), np.ones(100, int)])
         for test in (np.tile(point, (40, 1)), point + rng.normal(size=(40, 20)) * 1e-3):
             for chunk in (1, 7, 256):
-                assert utils.knn_accuracy(train, labels, test, np.full(40, 3), chunk=chunk) == 1.0
+                assert tool.codes.knn_accuracy(train, labels, test, np.full(40, 3), chunk=chunk) == 1.0
 
 
 def test_export_codes_and_compare_pca(tiny_data, tmp_path):

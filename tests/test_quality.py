@@ -7,14 +7,16 @@ import os
 import numpy as np
 import pytest
 
-import utils
+import tool.codes
+import tool.data
+import tool.quality
 
 
 # --- code statistics ------------------------------------------------------------------------------
 
 def test_a_standard_normal_sample_scores_near_zero():
     codes = np.random.default_rng(0).standard_normal((20000, 8))
-    stats = utils.code_statistics(codes)
+    stats = tool.codes.code_statistics(codes)
     assert stats["code_mean_abs"] < 0.02 and stats["code_std_dev_from_1"] < 0.02
     assert stats["code_ks"] < 0.01 and stats["code_abs_correlation"] < 0.02
 
@@ -23,18 +25,18 @@ def test_a_shifted_or_scaled_sample_has_the_kolmogorov_smirnov_distance_of_its_l
     rng = np.random.default_rng(1)
     shifted = rng.standard_normal((20000, 4)) + 0.5
     # sup |Phi(x - 0.5) - Phi(x)| is at x = 0.25: Phi(0.25) - Phi(-0.25) = 0.1974
-    assert utils.code_statistics(shifted)["code_ks"] == pytest.approx(0.1974, abs=0.01)
+    assert tool.codes.code_statistics(shifted)["code_ks"] == pytest.approx(0.1974, abs=0.01)
     wide = rng.standard_normal((20000, 4)) * 2
     # sup |Phi(x / 2) - Phi(x)| where the densities cross, x = sqrt(8 ln 2 / 3) = 1.3595:
     # Phi(1.3595) - Phi(0.6797) = 0.9130 - 0.7517 = 0.1613
-    assert utils.code_statistics(wide)["code_ks"] == pytest.approx(0.1613, abs=0.01)
+    assert tool.codes.code_statistics(wide)["code_ks"] == pytest.approx(0.1613, abs=0.01)
 
 
 def test_correlated_dimensions_show_in_the_mean_absolute_correlation():
     rng = np.random.default_rng(2)
     a, b, c = rng.standard_normal((3, 20000))
     codes = np.stack([a, 0.6 * a + 0.8 * b, -c], 1)  # corr(a, .) = 0.6, the others 0
-    stats = utils.code_statistics(codes)
+    stats = tool.codes.code_statistics(codes)
     assert stats["code_abs_correlation"] == pytest.approx(0.6 / 3, abs=0.02)
     assert stats["code_ks"] < 0.02  # each dimension alone is still N(0, 1)
 
@@ -45,7 +47,7 @@ def test_frechet_distance_of_diagonal_gaussians_is_the_closed_form():
     mean1, mean2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
     var1, var2 = np.array([1.0, 4.0, 9.0]), np.array([4.0, 4.0, 1.0])
     expected = np.sum((mean1 - mean2) ** 2) + np.sum((np.sqrt(var1) - np.sqrt(var2)) ** 2)  # 5 + 1 + 0 + 4
-    assert utils.frechet_distance(mean1, np.diag(var1), mean2, np.diag(var2)) == pytest.approx(expected)
+    assert tool.quality.frechet_distance(mean1, np.diag(var1), mean2, np.diag(var2)) == pytest.approx(expected)
     assert expected == 10
 
 
@@ -57,9 +59,9 @@ def test_frechet_distance_of_full_covariances_matches_the_eigenvalues_of_their_p
     # tr((cov1 cov2)^1/2) is the sum of the square roots of cov1 cov2's (real, positive) eigenvalues
     root_trace = np.sum(np.sqrt(np.linalg.eigvals(cov1 @ cov2).real))
     expected = np.sum((mean1 - mean2) ** 2) + np.trace(cov1) + np.trace(cov2) - 2 * root_trace
-    assert utils.frechet_distance(mean1, cov1, mean2, cov2) == pytest.approx(expected, rel=1e-9)
-    assert utils.frechet_distance(mean2, cov2, mean1, cov1) == pytest.approx(expected, rel=1e-9)
-    assert utils.frechet_distance(mean1, cov1, mean1, cov1) == pytest.approx(0, abs=1e-9)
+    assert tool.quality.frechet_distance(mean1, cov1, mean2, cov2) == pytest.approx(expected, rel=1e-9)
+    assert tool.quality.frechet_distance(mean2, cov2, mean1, cov1) == pytest.approx(expected, rel=1e-9)
+    assert tool.quality.frechet_distance(mean1, cov1, mean1, cov1) == pytest.approx(0, abs=1e-9)
 
 
 # --- the classifier and the distance of samples --------------------------------------------------------
@@ -75,7 +77,7 @@ def labelled_data(n_train=300, n_test=100):
             x[i, :, label * 4:label * 4 + 4] += 200
         return x, y
     (x_train, y_train), (x_test, y_test) = make(n_train), make(n_test)
-    return utils.Data("test", x_train, y_train, x_test, y_test, ["left", "right"])
+    return tool.data.Data("test", x_train, y_train, x_test, y_test, ["left", "right"])
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +89,7 @@ def trained(tmp_path_factory):
     try:
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
-            quality = utils.SampleQuality(labelled_data(), "vae.py")
+            quality = tool.quality.SampleQuality(labelled_data(), "vae.py")
     finally:
         os.environ["KERAS_HOME"] = before
     return home, quality, printed.getvalue()
@@ -103,10 +105,10 @@ def test_sample_quality_trains_once_then_reads_the_cache(trained, monkeypatch, c
     monkeypatch.setenv("KERAS_HOME", str(home))
     data = labelled_data()
     computed = []  # the feature statistics computed, by number of images
-    statistics = utils.SampleQuality.statistics
-    monkeypatch.setattr(utils.SampleQuality, "statistics",
+    statistics = tool.quality.SampleQuality.statistics
+    monkeypatch.setattr(tool.quality.SampleQuality, "statistics",
                         lambda self, images: computed.append(len(images)) or statistics(self, images))
-    second = utils.SampleQuality(data, "vae.py")
+    second = tool.quality.SampleQuality(data, "vae.py")
     assert capsys.readouterr().out == ""  # read, not trained
     assert computed == []  # the test set's statistics read too
     assert second.facts == first.facts
@@ -117,23 +119,23 @@ def test_sample_quality_trains_once_then_reads_the_cache(trained, monkeypatch, c
     (stats,) = [name for name in cached if name.endswith(".test-features.npz")]
     (folder / stats).write_bytes(b"garbage")
     computed.clear()
-    third = utils.SampleQuality(data, "vae.py")
+    third = tool.quality.SampleQuality(data, "vae.py")
     assert capsys.readouterr().out == "" and computed == [len(data.x_test)]
     assert all(np.allclose(a, b) for a, b in zip(third.test, first.test))
     # and so are statistics of another size, or kept from other weights
     (weights,) = [name for name in cached if name.endswith(".weights.h5")]
     mean, cov = first.test
-    for kept in (dict(mean=mean[:5], cov=cov[:5, :5], weights=utils.file_digest(folder / weights)),
+    for kept in (dict(mean=mean[:5], cov=cov[:5, :5], weights=tool.quality.file_digest(folder / weights)),
                  dict(mean=mean, cov=cov, weights="0" * 64)):
         np.savez(folder / stats, **kept)
         computed.clear()
-        utils.SampleQuality(data, "vae.py")
+        tool.quality.SampleQuality(data, "vae.py")
         assert computed == [len(data.x_test)]
-    assert utils.read_statistics(folder / stats, len(mean), folder / weights) is not None
+    assert tool.quality.read_statistics(folder / stats, len(mean), folder / weights) is not None
     # a damaged cache is trained again
     for name in cached:
         (folder / name).write_bytes(b"garbage")
-    utils.SampleQuality(data, "vae.py")
+    tool.quality.SampleQuality(data, "vae.py")
     assert "training the classifier" in capsys.readouterr().out
 
 
@@ -168,13 +170,13 @@ def test_the_classifier_is_the_same_whatever_ran_before(trained, tmp_path, monke
     keras.random.normal([100])  # what a run does before: draws from the global random state
     keras.layers.Dense(3).build((None, 4))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    assert utils.SampleQuality(labelled_data(), "ae.py").facts == trained[1].facts
+    assert tool.quality.SampleQuality(labelled_data(), "ae.py").facts == trained[1].facts
 
 
 def test_without_labels_the_figure_is_left_out_and_the_output_says_so(capsys):
     data = labelled_data()
-    data = utils.Data("test", data.x_train, None, data.x_test, None)
-    assert utils.sample_quality(data, "vae.py", lambda n: pytest.fail("generated"), 100) is None
+    data = tool.data.Data("test", data.x_train, None, data.x_test, None)
+    assert tool.quality.sample_quality(data, "vae.py", lambda n: pytest.fail("generated"), 100) is None
     assert "no labels" in capsys.readouterr().out
-    assert utils.sample_quality(labelled_data(), "vae.py", lambda n: pytest.fail("generated"), 0) is None
+    assert tool.quality.sample_quality(labelled_data(), "vae.py", lambda n: pytest.fail("generated"), 0) is None
 

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import types
 
 import numpy as np
 import pytest
@@ -21,6 +20,14 @@ from PIL import Image
 
 import ae
 import utils
+import tool.checkpoints
+import tool.errors
+import tool.files
+import tool.lock
+import tool.progress
+import tool.resume
+import tool.run
+import tool.sources
 import vae
 from conftest import main
 
@@ -45,14 +52,14 @@ def epochs_in(out):
 
 def stop_after(monkeypatch, epoch, sig):
     """Send this process sig as epoch ends, as Ctrl-C or a job scheduler would."""
-    real = utils.Run.report
+    real = tool.progress.EpochReport.__call__
 
     def report(self, row, figures):
         real(self, row, figures)
         if row["epoch"] == epoch:
             os.kill(os.getpid(), sig)
 
-    monkeypatch.setattr(utils.Run, "report", report)
+    monkeypatch.setattr(tool.progress.EpochReport, "__call__", report)
 
 
 # --- 1, 2: nothing touched before the run can start --------------------------------------------
@@ -91,7 +98,7 @@ def test_a_failed_start_leaves_no_run_behind(tiny_data, tmp_path, monkeypatch, c
     assert code == 3 and "no epoch finished" in err[-1]
     # no epoch finished, so the folder holds no run: the corrected command is not refused
     config = ae.make_parser().parse_args(["--data-dir", data_dir, "--out", out, *TINY])
-    with utils.Run(config, "ae.py", utils.load_data(config)):
+    with tool.run.Run(config, ae.SCRIPT, tool.sources.load_data(config)):
         pass
 
 
@@ -100,7 +107,7 @@ def test_a_failed_start_leaves_no_run_behind(tiny_data, tmp_path, monkeypatch, c
 def test_a_second_process_is_refused_and_touches_nothing(finished_run, capsys):
     data_dir, out = finished_run
     before = snapshot(out)
-    held = utils.lock_folder(out)
+    held = tool.lock.lock_folder(out)
     try:
         for extra in (["--resume", "--epochs", 3], ["--overwrite"], []):
             code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, *TINY, *extra)
@@ -122,11 +129,11 @@ def test_the_lock_goes_with_a_killed_process(tmp_path):
          "fcntl.flock(f, fcntl.LOCK_EX); f.write('4242'); f.flush(); print('locked', flush=True); "
          "time.sleep(60)", str(out / ".lock")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "locked\n"
-    with pytest.raises(utils.UserError, match="in use by process 4242"):
-        utils.lock_folder(str(out))
+    with pytest.raises(tool.errors.UserError, match="in use by process 4242"):
+        tool.lock.lock_folder(str(out))
     holder.kill()
     holder.wait()
-    utils.lock_folder(str(out)).close()
+    tool.lock.lock_folder(str(out)).close()
 
 
 # --- 4: --resume continues the same run ---------------------------------------------------------
@@ -176,9 +183,7 @@ def test_the_resume_command_printed_gives_the_flags_changed_since_the_checkpoint
     config = ae.make_parser().parse_args([])
     checkpointed = dict(vars(config), epochs=3, compare_pca=True, strict=False, eval_noise=0.3)
     now = dict(checkpointed, epochs=5, compare_pca=False, strict=True, eval_noise=0.1)
-    run = types.SimpleNamespace(prog="ae.py", out="runs/ae 1", flags=now,
-                                checkpointed_flags=checkpointed)
-    command = shlex.split(utils.Run.resume_command(run))
+    command = shlex.split(tool.resume.resume_command(ae.SCRIPT, "runs/ae 1", now, checkpointed))
     assert command[:5] == ["python", "ae.py", "--out", "runs/ae 1", "--resume"]
     assert sorted(command[5:]) == sorted(["--epochs", "5", "--no-compare-pca", "--strict",
                                           "--eval-noise", "0.1"])
@@ -191,7 +196,7 @@ def test_the_command_printed_names_the_interpreter_running_when_python_is_anothe
     """Where "python" on PATH is not this interpreter (a virtual environment not activated), the
     command starts with this one's path, so that pasted it runs with the same packages."""
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert shlex.split(utils.command_line("ae.py", "--resume"))[0] == sys.executable
+    assert shlex.split(tool.files.command_line("ae.py", "--resume"))[0] == sys.executable
 
 
 # --- 5, 6: damaged checkpoints and files --------------------------------------------------------
@@ -350,8 +355,8 @@ def test_ctrl_c_answers_at_once_and_twice_stops_at_once(tiny_data, tmp_path):
     assert child.returncode == 130 and "Traceback" not in err
     assert err.strip().splitlines() == [
         "ae.py: stopped by SIGINT during epoch 2, which is lost; the checkpoint of epoch 1 is "
-        f"kept; continue with: {utils.command_line('ae.py', '--out', out, '--resume')}"]
-    assert epochs_in(out) == [1] and utils.resume_point(out)[0].endswith("ckpt-1")
+        f"kept; continue with: {tool.files.command_line('ae.py', '--out', out, '--resume')}"]
+    assert epochs_in(out) == [1] and tool.checkpoints.resume_point(out)[0].endswith("ckpt-1")
     assert os.path.exists(os.path.join(out, "rec_epoch_001.png"))  # written before the exit
     assert not glob.glob(os.path.join(glob.escape(out), ".tmp-*"))  # and nothing half-written
 
@@ -361,7 +366,7 @@ def test_the_files_of_an_epoch_are_written_while_the_next_one_trains(tiny_data, 
     data_dir, _ = tiny_data
     out = str(tmp_path / "run")
     events, reported = [], threading.Event()
-    save_images, report = utils.save_images, utils.Run.report
+    save_images, report = utils.save_images, tool.progress.EpochReport.__call__
 
     def slow_save(images, path):
         reported.wait(10)  # written in line with the epochs, this would wait the 10 s out
@@ -374,7 +379,7 @@ def test_the_files_of_an_epoch_are_written_while_the_next_one_trains(tiny_data, 
         reported.set()
         report(self, row, figures)
     monkeypatch.setattr(utils, "save_images", slow_save)
-    monkeypatch.setattr(utils.Run, "report", reporting)
+    monkeypatch.setattr(tool.progress.EpochReport, "__call__", reporting)
     code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, "--epochs", 3, *TINY)
     assert code == 0, err
     assert events.index(1) < events.index("rec_epoch_001.png")
@@ -395,7 +400,7 @@ def test_ctrl_c_while_tensorflow_loads_is_one_line(tmp_path):
 
 def test_progress_reports_the_share_done_and_the_time_left(capsys, monkeypatch):
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
-    items = list(utils.progress(range(4), 4, "estimate", every=0.0))
+    items = list(tool.progress.progress(range(4), 4, "estimate", every=0.0))
     assert items == [0, 1, 2, 3]
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("estimate: 25% done, about ") and lines[0].endswith(" s left")

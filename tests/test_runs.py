@@ -14,6 +14,11 @@ import tensorflow as tf
 
 import ae
 import utils
+import tool.checkpoints
+import tool.cli
+import tool.errors
+import tool.files
+import tool.progress
 import vae
 from conftest import make_config
 
@@ -40,8 +45,8 @@ def check_resume_from_two_epochs_before_the_end(script, config, whole, tmp_path)
             os.remove(path)
     for path in glob.glob(str(split / f"*_epoch_{n - 1:03d}.png")) + glob.glob(str(split / f"*_epoch_{n:03d}.png")):
         os.remove(path)
-    utils.write_history(str(split / "history.csv"), read_history(whole)[:n - 2])
-    assert utils.resume_point(str(split))[0].endswith(f"ckpt-{n - 2}")
+    tool.files.write_history(str(split / "history.csv"), read_history(whole)[:n - 2])
+    assert tool.checkpoints.resume_point(str(split))[0].endswith(f"ckpt-{n - 2}")
     script.train(argparse.Namespace(**dict(vars(config), out=str(split), resume=True)))
     rows_whole, rows_split = read_history(whole), read_history(split)
     assert [r["epoch"] for r in rows_split] == [str(e) for e in range(1, n + 1)]  # none lost or doubled
@@ -75,7 +80,7 @@ def test_resumed_vae_matches_an_uninterrupted_one_and_a_seed_its_run(tiny_data, 
 
 def test_resume_refuses_a_different_model(finished_run):
     data_dir, out = finished_run
-    with pytest.raises(utils.UserError, match=r"--h-dim 7 differs from the run .* \(6\)"):
+    with pytest.raises(tool.errors.UserError, match=r"--h-dim 7 differs from the run .* \(6\)"):
         ae.train(make_config(ae, data_dir, out, epochs=3, h_dim=7, resume=True))
     assert len(read_history(out)) == 2
 
@@ -85,7 +90,7 @@ def test_a_second_run_does_not_mix_with_the_first(finished_run):
     tmp_path = pathlib.Path(out)
     (tmp_path / "notes.txt").write_text("mine")
     before = sorted(os.listdir(tmp_path))
-    with pytest.raises(utils.UserError, match="already holds a run.*--resume.*--overwrite"):
+    with pytest.raises(tool.errors.UserError, match="already holds a run.*--resume.*--overwrite"):
         ae.train(make_config(ae, data_dir, tmp_path, epochs=1, h_dim=6))
     assert sorted(os.listdir(tmp_path)) == before
     first = read_history(tmp_path)[0]
@@ -101,7 +106,7 @@ def test_resume_drops_history_rows_newer_than_the_checkpoint(finished_run):
     data_dir, out = finished_run
     tmp_path = pathlib.Path(out)
     rows = read_history(tmp_path)
-    utils.write_history(str(tmp_path / "history.csv"), rows + [dict(rows[-1], epoch="3")])
+    tool.files.write_history(str(tmp_path / "history.csv"), rows + [dict(rows[-1], epoch="3")])
     ae.train(make_config(ae, data_dir, tmp_path, epochs=3, h_dim=6, resume=True))
     assert [r["epoch"] for r in read_history(tmp_path)] == ["1", "2", "3"]
 
@@ -146,13 +151,13 @@ def test_signals_act_as_usual_once_the_epochs_are_done(finished_run, tmp_path, m
     data_dir, out = finished_run
     before = signal.getsignal(signal.SIGINT)
     seen = {}
-    real = utils.write_json
+    real = tool.files.write_json
 
     def spy(path, obj):  # summary.json is written after the epochs
         seen.setdefault(os.path.basename(path), signal.getsignal(signal.SIGINT))
         return real(path, obj)
 
-    monkeypatch.setattr(utils, "write_json", spy)
+    monkeypatch.setattr(tool.files, "write_json", spy)
     ae.train(make_config(ae, data_dir, out, h_dim=6, resume=True))  # no epoch left: the end only
     assert seen["summary.json"] is before and signal.getsignal(signal.SIGINT) is before
 
@@ -160,7 +165,7 @@ def test_signals_act_as_usual_once_the_epochs_are_done(finished_run, tmp_path, m
         raise KeyboardInterrupt
 
     with pytest.raises(SystemExit) as info:
-        utils.run_main("ae.py", interrupted, ae.make_parser(), ["--out", str(tmp_path / "x")])
+        tool.cli.run_main(ae.SCRIPT, interrupted, ae.make_parser(), ["--out", str(tmp_path / "x")])
     assert info.value.code == 130
     assert capsys.readouterr().err.strip().splitlines() == ["ae.py: interrupted"]
 
@@ -197,11 +202,11 @@ def test_progress_gif_spreads_at_most_100_frames_over_a_long_run(tmp_path):
         blobs = np.exp(-((yy - centres[:, 0]) ** 2 + (xx - centres[:, 1]) ** 2) / (2 * width ** 2))
         images = (255 * blobs * (blobs > 0.2) + rng.uniform(0, 20, blobs.shape) * (blobs > 0.2))
         utils.save_images(images.clip(0, 255).astype(np.uint8), str(tmp_path / f"sample_epoch_{epoch:03d}.png"))
-    chosen = utils.spread(list(range(1, 251)), 100)
+    chosen = tool.progress.spread(list(range(1, 251)), 100)
     assert len(chosen) == 100 and chosen[0] == 1 and chosen[-1] == 250
     assert all(a < b for a, b in zip(chosen, chosen[1:]))
-    assert utils.spread([1, 2, 3], 100) == [1, 2, 3]
-    utils.save_progress_gif([str(tmp_path / f"sample_epoch_{e:03d}.png") for e in chosen], chosen,
+    assert tool.progress.spread([1, 2, 3], 100) == [1, 2, 3]
+    tool.progress.save_progress_gif([str(tmp_path / f"sample_epoch_{e:03d}.png") for e in chosen], chosen,
                             str(tmp_path / "progress.gif"))
     with Image.open(tmp_path / "progress.gif") as gif:
         assert gif.n_frames == 100 and gif.size == (280, 294)

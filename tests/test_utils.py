@@ -10,6 +10,12 @@ import tensorflow as tf
 from PIL import Image
 
 import utils
+import tool.checkpoints
+import tool.cli
+import tool.errors
+import tool.files
+import tool.quiet
+import tool.sources
 from conftest import idx_bytes, write_dataset, write_gz
 
 
@@ -68,7 +74,7 @@ def test_pair_grid_puts_originals_in_even_columns():
 
 def test_loader_reads_what_was_written(tmp_path):
     (x_train, y_train), (x_test, y_test) = write_dataset(str(tmp_path), n_train=30, n_test=20)
-    (a, b), (c, d) = utils.load_fashion_mnist(str(tmp_path))
+    (a, b), (c, d) = tool.sources.load_fashion_mnist(str(tmp_path))
     assert a.dtype == np.uint8 and a.shape == (30, 28, 28) and b.shape == (30,)
     assert c.shape == (20, 28, 28) and d.shape == (20,)
     np.testing.assert_array_equal(a, x_train)
@@ -78,7 +84,7 @@ def test_loader_reads_what_was_written(tmp_path):
 
 
 def corrupt(folder, file, payload, compress=True):
-    path = os.path.join(folder, utils.FILES[file])
+    path = os.path.join(folder, tool.sources.FILES[file])
     if compress:
         write_gz(path, payload)
     else:
@@ -109,8 +115,8 @@ def test_loader_names_the_file_and_the_fault(tmp_path, case):
     payload, compress, message = CASES[case]
     path = corrupt(str(tmp_path), "train_images", payload, compress)
     with pytest.raises(ValueError) as info:
-        utils.load_fashion_mnist(str(tmp_path))
-    assert isinstance(info.value, utils.DataError)
+        tool.sources.load_fashion_mnist(str(tmp_path))
+    assert isinstance(info.value, tool.errors.DataError)
     assert path in str(info.value) and message in str(info.value)
     assert "\n" not in str(info.value)
 
@@ -118,31 +124,31 @@ def test_loader_names_the_file_and_the_fault(tmp_path, case):
 def test_loader_rejects_labels_with_images_magic(tmp_path):
     write_dataset(str(tmp_path), n_train=30, n_test=20)
     path = corrupt(str(tmp_path), "test_labels", idx_bytes(IMAGES[:20]))
-    with pytest.raises(utils.DataError, match="expected 0x801"):
-        utils.load_fashion_mnist(str(tmp_path))
+    with pytest.raises(tool.errors.DataError, match="expected 0x801"):
+        tool.sources.load_fashion_mnist(str(tmp_path))
 
 
 def test_loader_rejects_unequal_counts(tmp_path):
     write_dataset(str(tmp_path), n_train=30, n_test=20)
     path = corrupt(str(tmp_path), "train_labels", idx_bytes(np.zeros(29)))
-    with pytest.raises(utils.DataError, match="29 labels for 30 images") as info:
-        utils.load_fashion_mnist(str(tmp_path))
+    with pytest.raises(tool.errors.DataError, match="29 labels for 30 images") as info:
+        tool.sources.load_fashion_mnist(str(tmp_path))
     assert path in str(info.value)
 
 
 def test_named_folder_missing_files_is_an_error_not_a_fallback(tmp_path, monkeypatch):
     good = tmp_path / "good"
     write_dataset(str(good), n_train=30, n_test=20)
-    monkeypatch.setattr(utils, "DEBIAN_DIR", str(good))  # a fallback that would succeed
+    monkeypatch.setattr(tool.sources, "DEBIAN_DIR", str(good))  # a fallback that would succeed
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(utils.DataError, match="missing train-images-idx3-ubyte.gz"):
-        utils.load_fashion_mnist(str(empty))
+    with pytest.raises(tool.errors.DataError, match="missing train-images-idx3-ubyte.gz"):
+        tool.sources.load_fashion_mnist(str(empty))
     monkeypatch.setenv("FASHION_MNIST_DIR", str(empty))
-    with pytest.raises(utils.DataError, match="FASHION_MNIST_DIR"):
-        utils.load_fashion_mnist()
-    with pytest.raises(utils.DataError, match="no such folder"):
-        utils.load_fashion_mnist(str(tmp_path / "nowhere"))
+    with pytest.raises(tool.errors.DataError, match="FASHION_MNIST_DIR"):
+        tool.sources.load_fashion_mnist()
+    with pytest.raises(tool.errors.DataError, match="no such folder"):
+        tool.sources.load_fashion_mnist(str(tmp_path / "nowhere"))
 
 
 def test_search_order(tmp_path, monkeypatch):
@@ -153,18 +159,18 @@ def test_search_order(tmp_path, monkeypatch):
     folders["cache"] = cache
     for name, folder in folders.items():
         write_dataset(str(folder), n_train=sizes[name], n_test=5)
-    monkeypatch.setattr(utils, "DEBIAN_DIR", str(folders["debian"]))
+    monkeypatch.setattr(tool.sources, "DEBIAN_DIR", str(folders["debian"]))
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
     monkeypatch.setenv("FASHION_MNIST_DIR", str(folders["env"]))
 
     def n_train(data_dir=None):
-        return len(utils.load_fashion_mnist(data_dir)[0][0])
+        return len(tool.sources.load_fashion_mnist(data_dir)[0][0])
 
     assert n_train(str(folders["arg"])) == 11
     assert n_train() == 12
     monkeypatch.delenv("FASHION_MNIST_DIR")
     assert n_train() == 13
-    os.remove(cache / utils.FILES["test_labels"])
+    os.remove(cache / tool.sources.FILES["test_labels"])
     assert n_train() == 14
 
 
@@ -176,10 +182,10 @@ def test_nothing_found_and_download_fails_says_how_to_get_the_data(tmp_path, mon
 
     monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    monkeypatch.setattr(utils, "DEBIAN_DIR", str(tmp_path / "none"))
+    monkeypatch.setattr(tool.sources, "DEBIAN_DIR", str(tmp_path / "none"))
     monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", offline)
-    with pytest.raises(utils.DataError) as info:
-        utils.load_fashion_mnist()
+    with pytest.raises(tool.errors.DataError) as info:
+        tool.sources.load_fashion_mnist()
     assert "apt-get install dataset-fashion-mnist" in str(info.value)
     assert "--data-dir" in str(info.value)
 
@@ -188,14 +194,14 @@ def test_a_download_is_checked_like_a_file(tmp_path, monkeypatch):
     import keras
     monkeypatch.delenv("FASHION_MNIST_DIR", raising=False)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    monkeypatch.setattr(utils, "DEBIAN_DIR", str(tmp_path / "none"))
+    monkeypatch.setattr(tool.sources, "DEBIAN_DIR", str(tmp_path / "none"))
     good = (np.zeros((5, 28, 28), np.uint8), np.zeros(5, np.uint8))
     bad = (np.zeros((5, 28, 27), np.uint8), np.zeros(5, np.uint8))
     monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", lambda: (good, good))
-    assert utils.load_fashion_mnist()[1][0].shape == (5, 28, 28)
+    assert tool.sources.load_fashion_mnist()[1][0].shape == (5, 28, 28)
     monkeypatch.setattr(keras.datasets.fashion_mnist, "load_data", lambda: (good, bad))
-    with pytest.raises(utils.DataError, match="downloaded test set is not Fashion-MNIST"):
-        utils.load_fashion_mnist()
+    with pytest.raises(tool.errors.DataError, match="downloaded test set is not Fashion-MNIST"):
+        tool.sources.load_fashion_mnist()
 
 
 # --- outputs and flags -------------------------------------------------------------------------
@@ -203,15 +209,15 @@ def test_a_download_is_checked_like_a_file(tmp_path, monkeypatch):
 def test_unwritable_output_folder_is_reported(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("keep me")
-    with pytest.raises(utils.UserError, match="is a file, not a folder"):
-        utils.check_folder(str(blocker / "out"), "--out")
+    with pytest.raises(tool.errors.UserError, match="is a file, not a folder"):
+        tool.files.check_folder(str(blocker / "out"), "--out")
     assert blocker.read_text() == "keep me"
 
 
 def test_history_is_replaced_whole(tmp_path):
     path = str(tmp_path / "history.csv")
-    utils.write_history(path, [{"epoch": 1, "loss": 0.5}])
-    utils.write_history(path, [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.1 + 0.2}])
+    tool.files.write_history(path, [{"epoch": 1, "loss": 0.5}])
+    tool.files.write_history(path, [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.1 + 0.2}])
     # every digit of a float, so a history rebuilt from the checkpoint is the same file
     assert open(path).read().splitlines() == ["epoch,loss", "1,0.5", "2,0.30000000000000004"]
     assert os.listdir(tmp_path) == ["history.csv"]
@@ -220,7 +226,7 @@ def test_history_is_replaced_whole(tmp_path):
 @pytest.mark.parametrize("flags", [["--epochs", "0"], ["--batch-size", "-1"], ["--lr", "0"],
                                    ["--lr", "nan"], ["--lr", "inf"], ["--epochs", "two"]])
 def test_parser_rejects_impossible_values(flags, capsys):
-    parser = utils.make_parser("test", epochs=3, out="x")
+    parser = tool.cli.make_parser("test", epochs=3, out="x")
     with pytest.raises(SystemExit) as info:
         parser.parse_args(flags)
     err = capsys.readouterr().err.splitlines()
@@ -238,7 +244,7 @@ def test_checkpoints_keep_the_newest_three_and_restore_whole(tmp_path):
     directory = str(tmp_path / "checkpoints")
     value, history = tf.Variable([1.0, 2.0]), tf.Variable("", dtype=tf.string)
     checkpoint = tf.train.Checkpoint(value=value, run_history=history)
-    checkpoints = utils.Checkpoints(checkpoint, directory)
+    checkpoints = tool.checkpoints.Checkpoints(checkpoint, directory)
     for epoch in range(1, 6):
         value.assign([epoch, -epoch])
         history.assign(f"rows 1-{epoch}")
@@ -252,7 +258,7 @@ def test_checkpoints_keep_the_newest_three_and_restore_whole(tmp_path):
     assert restored.value.numpy().tolist() == [4.0, -4.0]
     assert restored.run_history.numpy() == b"rows 1-4"
     # continued from ckpt-4 (a resume): the newer ckpt-5 is written again, the oldest goes
-    again = utils.Checkpoints(checkpoint, directory, [os.path.join(directory, f"ckpt-{e}") for e in (3, 4)])
+    again = tool.checkpoints.Checkpoints(checkpoint, directory, [os.path.join(directory, f"ckpt-{e}") for e in (3, 4)])
     again.save(5)
     again.save(6)
     assert {f.split(".")[0] for f in os.listdir(directory) if f != "checkpoint"} == {"ckpt-4", "ckpt-5", "ckpt-6"}
@@ -315,11 +321,11 @@ def test_compile_epoch_trains_as_a_plain_eager_loop_does():
 
 def loading_tensorflow_stderr(writes, level=None):
     """What reaches standard error of a process that writes writes (byte strings, each one
-    write, as TensorFlow's C++ logging writes a record) inside utils.loading_tensorflow()."""
+    write, as TensorFlow's C++ logging writes a record) inside tool.quiet.loading_tensorflow()."""
     import subprocess
     import sys
-    script = ("import os, sys; sys.path.insert(0, sys.argv[1]); import utils\n"
-              "with utils.loading_tensorflow():\n"
+    script = ("import os, sys; sys.path.insert(0, sys.argv[1]); import tool.quiet\n"
+              "with tool.quiet.loading_tensorflow():\n"
               f"    for chunk in {writes!r}:\n"
               "        os.write(2, chunk)\n"
               "    print('UserWarning: a real one', file=sys.stderr)\n")

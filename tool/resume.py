@@ -1,0 +1,73 @@
+"""Whether a run folder may be continued or started in, and the command that continues a run."""
+
+import os
+
+from tool.checkpoints import run_files
+from tool.errors import UserError
+from tool.files import command_line, data_text
+
+# Flags of both scripts that may differ when a run is resumed: where things are, how long to go
+# on, and what to measure at the end (each script adds its own: Script.resumable_flags). Any
+# other flag would change the run being continued.
+RESUMABLE_FLAGS = {"epochs", "dataset", "data_dir", "max_memory", "strict", "logdir", "fd_samples",
+                   "grid_every"}
+# Flags that say how to start, not what the run is: never saved with it.
+START_FLAGS = {"out", "resume", "overwrite"}
+# The data of runs saved before --dataset existed, whose checkpoints do not say
+BEFORE_DATASET = {"source": "Fashion-MNIST", "shape": [28, 28, 1], "train": 60000, "test": 10000,
+                  "sha256": "the data of runs before --dataset"}
+
+
+def check_same_run(script, out, flags, data, saved):
+    """Refuse to continue the run saved in out's checkpoint (saved: what read_checkpoint gives)
+    with flags (this process's, less START_FLAGS) or data (Data.description()) it was not run
+    with, or by the other script."""
+    if set(saved["flags"]) != set(flags):
+        raise UserError(f"--resume: {out} holds a run of the other script, with "
+                        f"flags {', '.join(sorted(saved['flags']))}")
+    resumable = RESUMABLE_FLAGS | set(script.resumable_flags)
+    for name in sorted(set(saved["flags"]) | set(flags)):
+        ours, theirs = flags.get(name), saved["flags"].get(name)
+        if name not in resumable and ours != theirs:
+            raise UserError(
+                f"--resume: --{name.replace('_', '-')} {ours} differs from the run in "
+                f"{out} ({theirs}); leave it out to continue that run, or start "
+                "a new one in another --out")
+    before = saved.get("data")
+    if before is None and (data["source"], data["shape"]) != ("Fashion-MNIST", [28, 28, 1]):
+        before = BEFORE_DATASET
+    if before and before["sha256"] != data["sha256"]:
+        raise UserError(
+            f"--resume: the data differ from those of the run in {out} "
+            f"({data_text(before)} then, {data_text(data)} now); give the same "
+            "data to continue it, or start a new run in another --out")
+
+
+def old_run_files(script, out, overwrite):
+    """The files of a run already in out, which --overwrite replaces once the new run has an
+    epoch; without --overwrite, a run there is refused with the commands that continue or
+    replace it."""
+    old_run = run_files(out, script.files)
+    if old_run and not overwrite:
+        names = ", ".join(os.path.basename(p) for p in old_run[:3])
+        raise UserError(
+            f"{out} already holds a run ({names}{', ...' * (len(old_run) > 3)});"
+            f" continue it with: {command_line(script.prog, '--out', out, '--resume')}, "
+            "or replace it (its files are deleted) by adding --overwrite")
+    return old_run
+
+
+def resume_command(script, out, flags, checkpointed_flags):
+    """The command that continues the run in out from its newest checkpoint, as this process
+    would have: --resume, and the flags given now (flags) that the checkpoint does not hold yet
+    (checkpointed_flags)."""
+    args = ["--out", out, "--resume"]
+    for name in sorted(RESUMABLE_FLAGS | set(script.resumable_flags)):
+        value, flag = flags.get(name), name.replace("_", "-")
+        if value is None or value == checkpointed_flags.get(name):
+            continue  # the same, or the default of a flag with a value (--logdir)
+        if isinstance(value, bool):  # an on/off flag: --strict, --no-strict
+            args.append(f"--{'' if value else 'no-'}{flag}")
+        else:
+            args += [f"--{flag}", str(value)]
+    return command_line(script.prog, *args)

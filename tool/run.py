@@ -1,0 +1,337 @@
+"""The life of one training run in its output folder: check, lock, start, epochs, finish.
+
+Before anything is written it checks the batch size against the data, --logdir and the
+output folder; then it locks the folder (one process per folder), refuses to mix two runs
+in it (unless --resume or --overwrite) and removes what interrupted writes left. Nothing is
+written before the first epoch ends; --overwrite deletes the old run only then.
+
+After every epoch it saves a checkpoint (model, optimizers, random generators, fixed probes,
+the epoch, and the run's flags and history) and reports progress; run.json, history.csv, the
+grids and TensorBoard summaries are written by a background writer (tool.writer) while the
+next epoch trains; a failed write stops the run at the next epoch's end; all are written
+before the run goes on to its end, or stops on a signal. --resume continues from the newest
+checkpoint that reads whole, skipping damaged ones with a line each, and rebuilds
+history.csv and run.json from it. A non-finite loss stops the run (Diverged, exit code 3)
+before anything of that epoch is written. A failed write (full disk, no permission) stops it
+with one line naming the last good checkpoint. The first SIGINT or SIGTERM stops it after
+the epoch in progress is saved; a second one stops it at once (Stop).
+"""
+
+import concurrent.futures
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import NamedTuple
+
+import keras
+import tensorflow as tf
+
+import utils
+from tool import files
+from tool.checkpoints import Checkpoints, checkpoint_prefixes, resume_point
+from tool.errors import Diverged, UserError
+from tool.files import check_folder, error_reason, remove, remove_leftovers
+from tool.lock import lock_folder
+from tool.progress import EpochReport, save_progress
+from tool.resume import START_FLAGS, check_same_run, old_run_files, resume_command
+from tool.writer import EpochFiles
+
+
+class Script(NamedTuple):
+    """What a script tells its runs: its name, the flags of its own that --resume may change,
+    and the files of its own that a run writes (glob patterns in --out)."""
+    prog: str
+    resumable_flags: tuple = ()
+    files: tuple = ()
+
+
+def check_start(config, data):
+    """The checks before a run locks anything: the batch size against the data, --logdir and
+    --out."""
+    n_train = len(data.x_train)
+    if config.batch_size > n_train:
+        raise UserError(f"--batch-size {config.batch_size} is more than the {n_train} "
+                        f"training images; use at most {n_train}")
+    if config.logdir:
+        try:
+            import tensorboard  # noqa: F401  (tf.summary needs it to write anything)
+        except ImportError:
+            raise UserError("--logdir needs TensorBoard: pip install tensorboard") from None
+        check_folder(config.logdir, "--logdir")
+    check_folder(config.out, "--out")
+
+
+class Stop:
+    """SIGINT and SIGTERM during the epochs: the first stops the run once the epoch in progress
+    is saved (Run.epochs looks at self.signal); the second calls stop_now(signum), unless the
+    files of an epoch are being written (self.writing), which it then waits for."""
+
+    def __init__(self, prog, stop_now):
+        self.prog, self.stop_now = prog, stop_now
+        self.signal = None  # the first signal received
+        self.writing = False
+        self.old_handlers = {}
+
+    def install(self):
+        self.old_handlers = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def uninstall(self):
+        for s, handler in self.old_handlers.items():
+            signal.signal(s, handler)
+
+    def on_signal(self, signum, frame):
+        if self.signal is None:
+            self.signal = signum
+            again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            fresh_line = "\n" * sys.stdout.isatty()  # after the progress bar's
+            print(f"{fresh_line}{self.prog}: stopping after this epoch, once it is saved; {again} "
+                  "again to stop now", file=sys.stderr, flush=True)
+        elif not self.writing:  # while writing, the epoch is as good as saved: stop after it
+            self.stop_now(signum)
+
+
+class Run:
+    """A training run in its output folder (see the module's docstring).
+
+    Use it as a context manager (it owns the lock and the signal handlers):
+
+        with Run(config, SCRIPT, data) as run:
+            first = run.restore(model=model, optimizer=optimizer, rng=rng)
+            for epoch in run.epochs(first):
+                (losses, test), seconds = run.call(train_epoch, x_train)
+                ...
+                run.end_epoch(row, grids, "train bce 0.2850  test bce 0.2865")
+            run.save_final(model, "ae.weights.h5", "rec")
+    """
+
+    def __init__(self, config, script, data):
+        check_start(config, data)
+        self.config, self.script, self.prog, self.out = config, script, script.prog, config.out
+        self.flags = {k: v for k, v in sorted(vars(config).items()) if k not in START_FLAGS}
+        self.data = data.description()
+        self.history = []  # the rows of the epochs done
+        self.old_run = []  # --overwrite: the files of the run to replace once this one has an epoch
+        self.resume_from = None  # the checkpoint --resume continues from
+        self.resumed_epoch = 0  # its epoch
+        self.resumed_data = None  # what it says of its data
+        self.checkpointed_flags = None  # the flags in the newest checkpoint, once there is one
+        # what the checkpoints hold beside the objects given to restore()
+        self.epoch = tf.Variable(0, dtype=tf.int64)
+        self.saved_flags = tf.Variable("", dtype=tf.string)
+        self.saved_history = tf.Variable("", dtype=tf.string)
+        self.saved_data = tf.Variable(json.dumps(self.data), dtype=tf.string)
+        self.checkpoint = None  # the tf.train.Checkpoint, once restore() knows what it tracks
+        self.checkpoints = None  # Checkpoints, from the first one saved or resumed
+        self.report = EpochReport(config.epochs)
+        self.wrote = False  # whether this process has written run.json yet
+        self.stop = Stop(self.prog, self.stop_now)
+        self.epoch_thread = concurrent.futures.ThreadPoolExecutor(1)  # the epochs (see call)
+        self.lock = lock_folder(self.out)
+        try:
+            if config.resume:
+                self.start_resumed()
+            else:
+                self.old_run = old_run_files(script, self.out, config.overwrite)
+            remove_leftovers(self.out)  # the folder is this run's, or one to be replaced
+            self.files = EpochFiles(self.out, config.logdir)
+        except BaseException:
+            self.lock.close()
+            self.epoch_thread.shutdown()
+            raise
+
+    def start_resumed(self):
+        """--resume: the checkpoint to continue from, checked against this run's flags and data."""
+        self.resume_from, saved, skipped = resume_point(self.out, self.script.files)
+        check_same_run(self.script, self.out, self.flags, self.data, saved)
+        for name, reason in skipped:
+            print(f"{self.prog}: skipped checkpoint {name}: {reason}", file=sys.stderr, flush=True)
+        self.history = saved["history"]
+        self.resumed_data = saved.get("data")
+        self.checkpointed_flags = saved["flags"]
+        self.resumed_epoch = self.history[-1]["epoch"] if self.history else 0
+
+    def __enter__(self):
+        self.stop.install()
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        self.stop.uninstall()
+        try:
+            if exc_type is None:
+                self.flush()
+            else:  # the run failed: its last files are still written, errors aside
+                self.files.settle()
+        finally:
+            self.epoch_thread.shutdown()
+            self.files.close()
+            self.lock.close()
+
+    def stop_now(self, signum):
+        """Exit at once, from a signal handler: the epoch in progress runs on another thread,
+        which only exiting the process stops. The main thread writes nothing now (see
+        Stop.on_signal); the background writer finishes the last epoch's files first."""
+        self.files.settle()
+        done = int(self.epoch) or self.resumed_epoch
+        saved = (f"the checkpoint of epoch {done} is kept; continue with: "
+                 f"{self.resume_command()}" if done
+                 else "no epoch had finished, so there is nothing to resume")
+        print(f"{self.prog}: stopped by {signal.Signals(signum).name} during epoch {done + 1}, "
+              f"which is lost; {saved}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + signum)
+
+    def resume_command(self):
+        """The command that continues this run from its newest checkpoint (tool.resume)."""
+        return resume_command(self.script, self.out, self.flags, self.checkpointed_flags)
+
+    def call(self, fn, *args):
+        """(fn(*args), seconds it took), run on a worker thread, so that the main thread can
+        answer a signal at once: Python runs signal handlers only on the main thread and only
+        between bytecodes, and a compiled epoch is one call that can last minutes."""
+        start = time.perf_counter()
+        result = self.epoch_thread.submit(fn, *args).result()
+        return result, time.perf_counter() - start
+
+    def restore(self, **objects):
+        """Track objects (models, optimizers, tf.random.Generators, fixed probes held in
+        tf.Variables) in the checkpoints; with --resume, load them from the checkpoint chosen,
+        rebuild history.csv and run.json from it, and return the first epoch to train."""
+        tracked = dict(epoch=self.epoch, run_flags=self.saved_flags, run_history=self.saved_history,
+                       **objects)
+        self.checkpoint = tf.train.Checkpoint(run_data=self.saved_data, **tracked)
+        if self.resume_from:
+            # a run saved before --dataset existed holds no run_data: its data are Fashion-MNIST
+            reading = self.checkpoint if self.resumed_data else tf.train.Checkpoint(**tracked)
+            try:
+                reading.restore(self.resume_from).assert_existing_objects_matched()
+            except (tf.errors.OpError, AssertionError, ValueError) as e:
+                reason = str(e).strip().splitlines()[0]
+                raise UserError(f"--resume: {self.resume_from} does not fit this script's model "
+                                f"({reason})") from None
+            prefixes = checkpoint_prefixes(self.out)
+            self.checkpoints = Checkpoints(self.checkpoint, os.path.join(self.out, "checkpoints"),
+                                           prefixes[prefixes.index(self.resume_from):][::-1])
+            with self.writing_files():
+                self.checkpoints.record()  # the state file may be missing or damaged
+            done = int(self.epoch)
+            self.history = [row for row in self.history if row["epoch"] <= done]
+            self.rebuild_files()
+            print(f"resuming the run in {self.out} after epoch {done}", flush=True)
+        return int(self.epoch) + 1
+
+    def rebuild_files(self):
+        """On resume: run.json and history.csv as the checkpoint has them."""
+        with self.writing_files():
+            self.saved_data.assign(json.dumps(self.data))  # an older run's checkpoint lacks it
+            files.write_json(os.path.join(self.out, "run.json"), self.run_json())
+            if self.history:
+                files.rebuild_history(self.prog, os.path.join(self.out, "history.csv"), self.history)
+
+    def run_json(self):
+        """run.json: the run's flags and what identifies its data."""
+        return {"flags": self.flags, "data": self.data}
+
+    def epochs(self, first):
+        """The epochs first .. --epochs; stops with exit code 128 + signal number when SIGINT or
+        SIGTERM arrived during the previous one. Once they are done, the signals act as usual."""
+        for epoch in range(first, self.config.epochs + 1):
+            if self.stop.signal:
+                self.interrupted()
+            yield epoch
+        if self.stop.signal:  # during the last epoch: it is saved, the end-of-run work is left to --resume
+            self.interrupted()
+        self.flush()  # the end-of-run work reads the grids
+        self.stop.uninstall()  # the end-of-run work is not an epoch: Ctrl-C stops it at once
+
+    def interrupted(self):
+        self.flush()
+        signum, done = self.stop.signal, int(self.epoch)
+        name = signal.Signals(signum).name
+        if done:
+            print(f"{self.prog}: stopped by {name} after epoch {done}, checkpoint saved; continue "
+                  f"with: {self.resume_command()}",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"{self.prog}: stopped by {name} before the first epoch ended; nothing to resume",
+                  file=sys.stderr, flush=True)
+        sys.exit(128 + signum)
+
+    @contextlib.contextmanager
+    def writing_files(self):
+        """Around writes into the run folder: a second signal waits for them, and a failed write
+        (full disk, no permission) becomes one line that names the last good checkpoint."""
+        self.stop.writing = True
+        try:
+            yield
+        except (OSError, tf.errors.OpError) as e:
+            remove_leftovers(self.out)
+            last = self.checkpoints and self.checkpoints.latest
+            if last:
+                after = (f"the last good checkpoint is {last}; once the cause is fixed, continue "
+                         f"with: {self.resume_command()}")
+            else:
+                after = "no epoch was saved; once the cause is fixed, start the run again"
+            raise UserError(f"cannot write into {self.out} ({error_reason(e)}); {after}") from None
+        finally:
+            self.stop.writing = False
+
+    def end_epoch(self, row, grids, figures):
+        """Record a finished epoch: checkpoint (with row added to the history) and report;
+        then, on the background writer, run.json, history.csv, grids ({name: 100 images} as
+        NAME_epoch_NNN.png) and TensorBoard. The previous epoch's files are written first."""
+        epoch = row["epoch"]
+        bad = [k for k, v in row.items() if not math.isfinite(v)]
+        if bad:
+            kept = (self.checkpoints and self.checkpoints.latest) or "none, as no epoch finished"
+            raise Diverged(f"epoch {epoch}: {bad[0]} is {row[bad[0]]}; training diverged, most "
+                           f"likely because the learning rate ({self.config.lr}) is too high: "
+                           f"try a smaller --lr. Last good checkpoint: {kept}")
+        self.flush()
+        with self.writing_files():
+            for path in self.old_run:  # --overwrite: the old run goes once the new one has an epoch
+                remove(path)
+            self.old_run = []
+            if self.checkpoints is None:
+                self.checkpoints = Checkpoints(self.checkpoint, os.path.join(self.out, "checkpoints"))
+            self.epoch.assign(epoch)
+            self.saved_flags.assign(json.dumps(self.flags))
+            self.saved_history.assign(json.dumps(self.history + [row]))
+            self.checkpoints.save(epoch)
+            self.checkpointed_flags = self.flags
+            self.history.append(row)
+        grids = grids if epoch % self.config.grid_every == 0 or epoch == self.config.epochs else {}
+        self.stop.writing = True  # until the writer holds the job, so a second signal waits
+        self.files.submit(row, list(self.history), grids, None if self.wrote else self.run_json())
+        self.stop.writing = False
+        self.wrote = True
+        self.report(row, figures)
+
+    def flush(self):
+        """Wait for the background writer to finish the last epoch's files; a failed write
+        stops the run here, in one line (see writing_files)."""
+        with self.writing_files():  # a second signal meanwhile waits for it
+            self.files.wait()
+
+    def save_final(self, model, name, grid):
+        """The end of the epochs: the final weights as name (loadable with
+        model.load_weights(path) into a built model), and progress.gif of the grids named grid."""
+        with self.writing_files():
+            utils.write_atomically(os.path.join(self.out, name), model.save_weights)
+            save_progress(self.out, grid)
+
+    def summary(self, **figures):
+        """summary.json's head (the flags, the data, the last epoch's row and the training time)
+        followed by figures."""
+        return {"flags": vars(self.config), "data": self.data,
+                "final": self.history[-1] if self.history else None,
+                "train_seconds": round(sum(float(r["seconds"]) for r in self.history), 1),
+                **figures}
+
+    def write_summary(self, summary, started):
+        """summary.json, with the seconds since started (time.perf_counter()) added."""
+        summary["total_seconds"] = round(time.perf_counter() - started, 1)
+        files.write_json(os.path.join(self.out, "summary.json"), summary)
