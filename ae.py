@@ -230,8 +230,9 @@ def train(config):
         z_prior = tf.random.stateless_normal([100, config.h_dim], seed=[config.seed, 2])
 
         def evaluate():  # the test figures and the grids' images, in the epoch's compiled call
-            samples = tf.sigmoid(model.decoder(z_prior)) if config.adversarial else None
-            return compute_loss(model, x_test_in, x_test), tf.sigmoid(model(x_probe_in)), samples
+            decoded = {"sample": tf.sigmoid(model.decoder(z_prior))} if config.adversarial else {}
+            return {"losses": compute_loss(model, x_test_in, x_test),
+                    "x_hat": tf.sigmoid(model(x_probe_in)), "decoded": decoded}
 
         names = [config.loss] + (["disc", "gen"] if config.adversarial else [])
         train_step = make_train_step(config, model, optimizers, rng, discriminator)
@@ -240,14 +241,14 @@ def train(config):
         # the generator of random numbers is "generator" in every run's checkpoints
         first = run.restore(model=model, generator=rng, **optimizers, **players)
         for epoch in run.epochs(first):
-            (train_losses, (test_losses, x_hat, samples)), seconds = run.call(train_epoch, x_train)
-            row = utils.history_row(epoch, seconds, train=train_losses, test=test_losses)
-            grids = {"rec": (utils.triplet_grid(x_probe_in, x_hat, x_probe, data.shape)
-                             if config.noise else utils.pair_grid(x_probe, x_hat, data.shape))}
+            (train_losses, test), seconds = run.call(train_epoch, x_train)
+            row = utils.history_row(epoch, seconds, train=train_losses, test=test["losses"])
+            grids = {"rec": (utils.triplet_grid(x_probe_in, test["x_hat"], x_probe, data.shape)
+                             if config.noise else utils.pair_grid(x_probe, test["x_hat"], data.shape))}
+            grids.update({k: utils.to_uint8(images, data.shape) for k, images in test["decoded"].items()})
             figures = (f"train {config.loss} {row['train_' + config.loss]:.4f}  test bce "
                        f"{row['test_bce']:.4f}  test mse {row['test_mse']:.4f}")
             if config.adversarial:
-                grids["sample"] = utils.to_uint8(samples, data.shape)
                 figures += f"  disc {row['train_disc']:.3f}  gen {row['train_gen']:.3f}"
             run.end_epoch(row, grids, figures)
         run.save_final(model, "ae.weights.h5", "sample" if config.adversarial else "rec")

@@ -145,11 +145,11 @@ def train(config):
         optimizer.build(model.trainable_variables)
 
         def evaluate():  # the test figures and the grids' images, in the epoch's compiled call
-            x_hat = tf.sigmoid(model(x_probe, eps_test[:50])[0])
-            grids = {"sample": tf.sigmoid(model.decode(z_sample))}
+            decoded = {"sample": tf.sigmoid(model.decode(z_sample))}
             if z_plane is not None:
-                grids["manifold"] = tf.sigmoid(model.decode(z_plane))
-            return compute_loss(model, x_test, eps_test), x_hat, grids
+                decoded["manifold"] = tf.sigmoid(model.decode(z_plane))
+            return {"losses": compute_loss(model, x_test, eps_test),
+                    "x_hat": tf.sigmoid(model(x_probe, eps_test[:50])[0]), "decoded": decoded}
 
         train_epoch = utils.compile_epoch(make_train_step(config, model, optimizer, rng),
                                           ["loss", "rec", "kl"], rng, config.batch_size, evaluate)
@@ -157,13 +157,13 @@ def train(config):
         first = run.restore(model=model, optimizer=optimizer, generator=rng, z_sample=z_sample,
                             eps_test=eps_test)
         for epoch in run.epochs(first):
-            (train_losses, (test_losses, x_hat, decoded)), seconds = run.call(train_epoch, x_train)
+            (train_losses, test), seconds = run.call(train_epoch, x_train)
             row = utils.history_row(epoch, seconds, train={k: train_losses[k] for k in LOSSES},
-                                    test={k: test_losses[k] for k in LOSSES})
+                                    test={k: test["losses"][k] for k in LOSSES})
             row["beta"] = config.beta
             row["test_bits_per_dim"] = bits_per_dim(row["test_loss"], data.pixels)
-            grids = {"rec": utils.pair_grid(x_probe, x_hat, data.shape)}
-            grids.update({name: utils.to_uint8(images, data.shape) for name, images in decoded.items()})
+            grids = {"rec": utils.pair_grid(x_probe, test["x_hat"], data.shape)}
+            grids.update({k: utils.to_uint8(images, data.shape) for k, images in test["decoded"].items()})
             run.end_epoch(row, grids, f"train loss {row['train_loss']:.2f}  test loss "
                           f"{row['test_loss']:.2f} = rec {row['test_rec']:.2f} + kl "
                           f"{row['test_kl']:.2f} (nats/image; {row['test_bits_per_dim']:.4f} "
