@@ -266,10 +266,8 @@ def make_parser():
     return parser
 
 
-def main(argv=None):
-    """Train a VAE as the command line (or argv) says."""
-    cli.run_main(SCRIPT, train, make_parser(), argv)
 
+main = cli.script_main(SCRIPT, train, make_parser)  # main(argv=None): the flags, then train
 
 if __name__ == "__main__":
     main()

@@ -175,3 +175,11 @@ def run_main(script, train, parser, argv=None):
     except KeyboardInterrupt:  # outside the epochs, where Run turns Ctrl-C into a clean stop
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def script_main(script, train, make_parser):
+    """A script's main(argv=None): its flags (make_parser(), argv or the command line), then
+    train(config), through run_main."""
+    def main(argv=None):
+        return run_main(script, train, make_parser(), argv)
+    return main
