@@ -196,7 +196,7 @@ def test_the_command_printed_names_the_interpreter_running_when_python_is_anothe
     """Where "python" on PATH is not this interpreter (a virtual environment not activated), the
     command starts with this one's path, so that pasted it runs with the same packages."""
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert shlex.split(tool.files.command_line("ae.py", "--resume"))[0] == sys.executable
+    assert shlex.split(tool.resume.command_line("ae.py", "--resume"))[0] == sys.executable
 
 
 # --- 5, 6: damaged checkpoints and files --------------------------------------------------------
@@ -355,7 +355,7 @@ def test_ctrl_c_answers_at_once_and_twice_stops_at_once(tiny_data, tmp_path):
     assert child.returncode == 130 and "Traceback" not in err
     assert err.strip().splitlines() == [
         "ae.py: stopped by SIGINT during epoch 2, which is lost; the checkpoint of epoch 1 is "
-        f"kept; continue with: {tool.files.command_line('ae.py', '--out', out, '--resume')}"]
+        f"kept; continue with: {tool.resume.command_line('ae.py', '--out', out, '--resume')}"]
     assert epochs_in(out) == [1] and tool.checkpoints.resume_point(out)[0].endswith("ckpt-1")
     assert os.path.exists(os.path.join(out, "rec_epoch_001.png"))  # written before the exit
     assert not glob.glob(os.path.join(glob.escape(out), ".tmp-*"))  # and nothing half-written

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import re
-import shlex
 import shutil
 import sys
 
@@ -71,23 +70,6 @@ def remove_leftovers(out_dir):
                  + glob.glob(os.path.join(folder, "checkpoints", TMP_PREFIX + "*-checkpoint"))
                  + glob.glob(os.path.join(folder, "checkpoints", "ckpt-[0-9]*_temp"))):
         remove(path)
-
-
-def command_line(prog, *args):
-    """The shell command that runs prog with args, quoted to work when pasted."""
-    python = "python"
-    found = shutil.which("python")
-    if not found or os.path.abspath(found) != os.path.abspath(sys.executable):
-        python = sys.executable  # not the interpreter "python" would start
-    script = sys.argv[0] if os.path.basename(sys.argv[0]) == prog else prog
-    return shlex.join([python, script, *args])
-
-
-def data_text(description):
-    """Data as run.json describes them, in a few words."""
-    h, w, c = description["shape"]
-    return (f"{description['source']}, {description['train']:,} + {description['test']:,} images "
-            f"of {h}x{w}x{c}")
 
 
 def error_reason(e):

@@ -1,10 +1,12 @@
 """Whether a run folder may be continued or started in, and the command that continues a run."""
 
 import os
+import shlex
+import shutil
+import sys
 
 from tool.checkpoints import run_files
 from tool.errors import UserError
-from tool.files import command_line, data_text
 
 # Flags of both scripts that may differ when a run is resumed: where things are, how long to go
 # on, and what to measure at the end (each script adds its own: Script.resumable_flags). Any
@@ -71,3 +73,20 @@ def resume_command(script, out, flags, checkpointed_flags):
         else:
             args += [f"--{flag}", str(value)]
     return command_line(script.prog, *args)
+
+
+def command_line(prog, *args):
+    """The shell command that runs prog with args, quoted to work when pasted."""
+    python = "python"
+    found = shutil.which("python")
+    if not found or os.path.abspath(found) != os.path.abspath(sys.executable):
+        python = sys.executable  # not the interpreter "python" would start
+    script = sys.argv[0] if os.path.basename(sys.argv[0]) == prog else prog
+    return shlex.join([python, script, *args])
+
+
+def data_text(description):
+    """Data as run.json describes them, in a few words."""
+    h, w, c = description["shape"]
+    return (f"{description['source']}, {description['train']:,} + {description['test']:,} images "
+            f"of {h}x{w}x{c}")
