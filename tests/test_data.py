@@ -5,6 +5,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import time
 
 import keras
@@ -404,6 +405,16 @@ def test_ae_on_a_colour_folder_writes_colour_grids_and_labelled_figures(tmp_path
     assert sorted(os.listdir(out)) == before
     code, err, _ = main(capsys, ae, "--out", out, "--resume", "--image-size", "4x3")
     assert code == 2 and "--image-size [4, 3] differs" in err[0]
+    # one pixel changes: the refusal says what differs, the pixels' checksum
+    os.remove(tmp_path / "data" / "train" / "red" / "new.png")
+    changed = tmp_path / "data" / "test" / "blue" / "1.png"
+    pixels = np.asarray(Image.open(changed)).copy()
+    pixels[0, 0, 0] ^= 1
+    save(str(changed), pixels)
+    code, err, _ = main(capsys, ae, "--out", out, "--resume", "--epochs", 3)
+    assert code == 2 and len(err) == 1
+    sums = re.findall(r"images of 8x6x3, checksum ([0-9a-f]{12}) (?:then|now)", err[0])
+    assert len(sums) == 2 and sums[0] != sums[1], err[0]
 
 
 def test_vae_on_an_unlabelled_npz_reports_bits_per_dimension(tmp_path, capsys):
@@ -448,6 +459,62 @@ def test_a_linked_class_folder_is_followed_once_and_a_link_loop_ends(tmp_path):
     assert data.class_names == ["cat", "dog"] and len(data.x_train) == 60 and len(data.x_test) == 50
 
 
+def test_a_link_to_a_sibling_class_folder_is_not_read_twice(tmp_path):
+    """c1/sib -> ../c2 and c2/sib -> ../c1: whichever the walk reaches first, each real folder
+    is read once, under its own name, and the links skipped are named."""
+    truth = write_split_folder(tmp_path, classes=("c1", "c2"))
+    for split in ("train", "test"):
+        os.symlink(tmp_path / split / "c2", tmp_path / split / "c1" / "sib")
+        os.symlink(tmp_path / split / "c1", tmp_path / split / "c2" / "sib")
+    data = tool.sources.load_data(config(tmp_path))
+    assert data.x_train.shape[0] == 60 and data.x_test.shape[0] == 50
+    assert values_and_labels(data.x_train, data.y_train) == {
+        (v, c) for (s, v), c in truth.items() if s == "train"}
+    assert "4 link to a folder read once (" in data.notes[0] and "/sib/ -> " in data.notes[0]
+
+
+def test_the_channels_count_only_the_images_that_decode(tmp_path):
+    """A truncated RGB file among gray ones: its header says colour, its pixels do not load;
+    the data are gray, as they are once the file is removed (so --resume then works)."""
+    write_split_folder(tmp_path, classes=("only",))
+    broken = tmp_path / "train" / "only" / "broken.png"
+    save(str(broken), np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8))
+    broken.write_bytes(broken.read_bytes()[:60])  # the header whole, the pixels cut
+    data = tool.sources.load_data(config(tmp_path))
+    assert data.shape == (6, 5, 1) and "broken.png" in data.notes[0]
+    broken.unlink()
+    assert data.description()["sha256"] == tool.sources.load_data(config(tmp_path)).description()["sha256"]
+
+
+def test_an_allocation_that_fails_is_one_line(tmp_path, capsys):
+    """--image-size 3000000x3000000 --max-memory 5000T: no machine has the memory; one line."""
+    write_split_folder(tmp_path / "data")
+    code, err, _ = main(capsys, ae_script(), "--dataset", tmp_path / "data", "--out", tmp_path / "run",
+                        "--image-size", "3000000x3000000", "--max-memory", "5000T")
+    assert code == 2 and len(err) == 1 and "out of memory (Unable to allocate" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_names_that_are_not_utf8_are_printed_escaped_on_a_strict_terminal(tmp_path, monkeypatch):
+    """A class folder named b'c\\xff' and standard output that takes only UTF-8
+    (PYTHONIOENCODING=utf-8): the data line prints, escaped, where it raised UnicodeEncodeError."""
+    import io
+    import sys
+    write_split_folder(tmp_path / "data", classes=("ok", os.fsdecode(b"c\xff")))
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="utf-8", errors="strict"))
+    script = ae_script()
+    tool.cli.run_main(script.SCRIPT, lambda c: print(tool.sources.load_data(c).summary()),
+                      script.make_parser(), ["--dataset", str(tmp_path / "data"), "--out", str(tmp_path / "run")])
+    sys.stdout.flush()
+    assert "2 classes (c\\udcff, ok)" in raw.getvalue().decode()
+
+
+def ae_script():
+    import ae
+    return ae
+
+
 def test_a_train_folder_without_a_test_folder_is_named(tmp_path):
     write_split_folder(tmp_path)
     os.rename(tmp_path / "test", tmp_path / "other")
@@ -485,3 +552,18 @@ def test_max_memory_flag_refuses(text):
 def test_fd_samples_needs_none_or_two_at_least(text):
     with pytest.raises(argparse.ArgumentTypeError):
         tool.cli.sample_count(text)
+
+
+def test_small_limits_are_shown_in_a_unit_that_shows_them():
+    """--max-memory 1k was "0.0 MiB" in the refusal."""
+    assert [tool.data.size_text(n) for n in (500, 1024, 100000, 30 * 2**20, 2**31)] == [
+        "500 bytes", "1.0 KiB", "0.1 MiB", "30.0 MiB", "2.0 GiB"]
+
+
+def test_negative_labels_are_named_as_such(tmp_path):
+    x = np.zeros((60, 4, 4), np.uint8)
+    labels = np.arange(60) % 3 - 1
+    path = write_npz(tmp_path / "d.npz", x_train=x, x_test=x, y_train=labels, y_test=labels)
+    with pytest.raises(tool.errors.DataError, match=r"y_train must hold integer class numbers "
+                       r"from 0 \(its smallest is -1\)"):
+        tool.sources.load_data(config(path))

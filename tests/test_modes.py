@@ -275,6 +275,15 @@ def test_knn_accuracy_on_separable_and_on_mixed_classes():
     assert tool.codes.knn_accuracy(codes[:200], shuffled[:200], codes[200:], shuffled[200:]) < 0.6
 
 
+def test_knn_counts_all_k_neighbours():
+    """Two codes of class 0 nearest, three of class 1 next: five neighbours vote 1, while
+    counting three (0, 0, 1) or four (a tie, to the nearer class) would give 0."""
+    train = np.array([[1.0], [-1.0], [2.0], [-2.0], [2.5], [50.0], [-50.0]])
+    labels = np.array([0, 0, 1, 1, 1, 0, 0])
+    assert tool.codes.knn_accuracy(train, labels, np.zeros((1, 1)), np.array([1]), k=5) == 1.0
+    assert tool.codes.knn_accuracy(train, labels, np.zeros((1, 1)), np.array([0]), k=3) == 1.0
+
+
 def test_knn_among_duplicate_codes_takes_the_earliest_whatever_the_chunk():
     """Icon sets hold many copies of one image, so codes repeat: of codes at the same distance,
     the earlier ones count, however many test codes go at a time."""

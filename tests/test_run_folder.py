@@ -434,6 +434,43 @@ def test_a_refused_start_deletes_nothing_of_someone_elses(tiny_data, tmp_path, c
     code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, *TINY)
     assert code == 2 and "already holds a run" in err[0]
     assert snapshot(str(out)) == before
+    assert not (out / ".lock").exists()  # a refused command leaves nothing behind
+
+
+def test_a_refused_start_in_a_new_folder_leaves_no_folder(tiny_data, tmp_path, monkeypatch, capsys):
+    data_dir, _ = tiny_data
+
+    def refuse(logdir):
+        raise tf.errors.PermissionDeniedError(None, None, "denied")
+    monkeypatch.setattr(tf.summary, "create_file_writer", refuse)
+    out = tmp_path / "new" / "run"
+    code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, "--logdir",
+                        tmp_path / "tb", *TINY)
+    assert code == 2 and "cannot write there" in err[0]
+    assert not (tmp_path / "new").exists()
+
+
+def test_another_scripts_run_is_not_offered_for_resume(finished_run, capsys):
+    """vae.py --out <a run of ae.py> suggested vae.py ... --resume, which then failed."""
+    data_dir, out = finished_run
+    code, err, _ = main(capsys, vae, "--data-dir", data_dir, "--out", out, "--epochs", 1)
+    assert code == 2 and len(err) == 1 and "holds a run of the other script" in err[0], err
+    assert "--resume" not in err[0] and "--overwrite" in err[0]
+
+
+def test_paths_that_cannot_work_are_refused_before_anything_is_written(tiny_data, tmp_path, capsys):
+    """An --out that is not valid UTF-8 (TensorFlow cannot write a checkpoint there: epoch 1 was
+    lost), and an --out inside the --dataset folder (the run's grids would become its data)."""
+    data_dir, _ = tiny_data
+    bad = os.path.join(str(tmp_path), "o_bad\udcff")  # the bytes o_bad\xff, as Python holds them
+    code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", bad, *TINY)
+    assert code == 2 and len(err) == 1 and "not valid UTF-8" in err[0] and "o_bad\\xff" in err[0]
+    images = tmp_path / "images"
+    (images / "a").mkdir(parents=True)
+    code, err, _ = main(capsys, ae, "--dataset", images, "--out", images / "a" / "run", *TINY)
+    assert code == 2 and len(err) == 1 and "is inside --dataset" in err[0], err
+    assert sorted(os.listdir(tmp_path)) == ["images"] and os.listdir(images) == ["a"]
+    assert os.listdir(images / "a") == []
 
 
 def test_resume_with_the_other_script_is_one_line(finished_run, capsys):

@@ -8,6 +8,7 @@ import pathlib
 import shutil
 import signal
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -76,6 +77,32 @@ def test_resumed_vae_matches_an_uninterrupted_one_and_a_seed_its_run(tiny_data, 
     for seed, same in ((7, True), (8, False)):  # the same seed, the same run; another, another
         vae.train(make_config(vae, data_dir, tmp_path / f"seed {seed}", epochs=1, seed=seed, z_dim=3))
         assert (without_seconds(read_history(tmp_path / f"seed {seed}")) == first) == same
+
+
+def test_the_seed_reaches_the_random_stream_not_only_the_weights(tiny_data, tmp_path, monkeypatch):
+    """With the weights' initialisation held the same, another --seed still gives another run of
+    ae.py: its shuffling (and noise, prior draws) follows the seed too."""
+    data_dir, _ = tiny_data
+    real = keras.utils.set_random_seed
+    monkeypatch.setattr(keras.utils, "set_random_seed", lambda seed: real(0))
+    rows = []
+    for seed in (1, 2):
+        out = tmp_path / f"seed {seed}"
+        ae.train(make_config(ae, data_dir, out, epochs=1, h_dim=4, seed=seed))
+        rows.append(without_seconds(read_history(out)))
+    assert rows[0] != rows[1]
+
+
+@pytest.mark.parametrize("script", [ae, vae], ids=["ae", "vae"])
+def test_the_learning_rate_reaches_the_optimizer(script, tiny_data, tmp_path):
+    """The same seed with another --lr gives another first epoch (a constant rate would not)."""
+    data_dir, _ = tiny_data
+    rows = []
+    for lr in (1e-3, 3e-3):
+        out = tmp_path / f"lr {lr}"
+        script.train(make_config(script, data_dir, out, epochs=1, lr=lr))
+        rows.append(without_seconds(read_history(out)))
+    assert rows[0] != rows[1]
 
 
 def test_resume_refuses_a_different_model(finished_run):

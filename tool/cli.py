@@ -4,6 +4,7 @@ main(), which turns expected mistakes into one line and an exit code."""
 import argparse
 import errno
 import math
+import os
 import sys
 
 from tool.checkpoints import resume_point
@@ -142,6 +143,7 @@ def parse_config(parser, script, argv=None):
     """Parse the flags of script (a tool.run.Script); with --resume, every flag not given takes
     the value saved with the run in --out (in its newest checkpoint that reads whole)."""
     config = parser.parse_args(argv)
+    check_paths(config)
     if config.resume:
         unset = object()
         given = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(config)}))
@@ -153,6 +155,29 @@ def parse_config(parser, script, argv=None):
     return config
 
 
+def shown(path):
+    """A path as printed: bytes that are not UTF-8 (surrogateescape'd by Python) as \\xNN."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def check_paths(config):
+    """Refuse, before anything is read or written: an --out or --logdir whose name is not valid
+    UTF-8 (TensorFlow writes its checkpoints and summaries only to such paths), and an --out
+    inside the --dataset folder (the run's own grids would become its data)."""
+    for flag, path in (("--out", config.out), ("--logdir", config.logdir)):
+        try:
+            (path or "").encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"{flag} {shown(path)}: the name is not valid UTF-8, which TensorFlow "
+                            f"needs for the files it writes; choose another {flag}") from None
+    if config.dataset not in ("fashion-mnist", "mnist") and os.path.isdir(config.dataset):
+        data, out = os.path.realpath(config.dataset), os.path.realpath(config.out)
+        if os.path.commonpath([data, out]) == data:
+            raise UserError(f"--out {shown(config.out)} is inside --dataset {shown(config.dataset)}:"
+                            " the run's own images would be read as its data; choose an --out "
+                            "outside that folder")
+
+
 # errno values that mean the disk, not the code: full, over quota, read-only, no permission
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -161,6 +186,9 @@ def run_main(script, train, parser, argv=None):
     """A script's main(): parse the flags and run train(config); expected mistakes become one
     line on stderr and an exit code."""
     prog = script.prog
+    for stream in (sys.stdout, sys.stderr):  # names that are not UTF-8 are printed escaped
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return train(parse_config(parser, script, argv))
     except UserError as e:
@@ -171,6 +199,10 @@ def run_main(script, train, parser, argv=None):
             raise
         where = f" {e.filename}" if e.filename else ""
         print(f"{prog}: error: cannot write{where}: {e.strerror}", file=sys.stderr)
+        sys.exit(2)
+    except MemoryError as e:  # numpy's message says how much, for what shape
+        print(f"{prog}: error: out of memory ({e}); use a smaller --image-size or fewer images",
+              file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # outside the epochs, where Run turns Ctrl-C into a clean stop
         print(f"{prog}: interrupted", file=sys.stderr)

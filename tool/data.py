@@ -85,7 +85,12 @@ def available_memory():
 
 
 def size_text(n):
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    """n bytes as GiB from 1 GiB, as MiB down to what rounds to 0.1 MiB, then as KiB or bytes."""
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    if n >= 2**20 / 20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n:,} bytes"
 
 
 # Bytes of memory a run takes per byte of its decoded pixels, beyond TensorFlow's own: the
@@ -132,9 +137,12 @@ def check_labels(where, x_train, y_train, x_test, y_test):
         if y.ndim != 1 or len(y) != len(x):
             raise DataError(f"{where}: y_{split} has shape {y.shape}, expected ({len(x)},): one "
                             f"label per image of x_{split}")
-        if y.dtype.kind not in "iu" or len(y) and y.min() < 0:
+        if y.dtype.kind not in "iu":
             raise DataError(f"{where}: y_{split} must hold integer class numbers from 0 "
                             f"(it holds {y.dtype})")
+        if len(y) and y.min() < 0:
+            raise DataError(f"{where}: y_{split} must hold integer class numbers from 0 "
+                            f"(its smallest is {y.min()})")
 
 
 def convert_image(image, size, channels):

@@ -113,19 +113,35 @@ def in_test_split(path, fraction):
 
 
 def list_files(root):
-    """(files, unreadable): every file under root, recursively, following linked folders (each
-    real folder once), as sorted paths relative to root with '/' between folders, hidden files
-    and folders (a name starting with '.') left out; and the folders that could not be read."""
-    found, unreadable, seen = [], [], set()
+    """(files, unreadable, links): every file under root, recursively, as sorted paths relative
+    to root with '/' between folders, hidden files and folders (a name starting with '.') left
+    out; the folders that could not be read; and the linked folders not followed. A link to a
+    folder is followed, unless that folder is under root (it is read as itself, under its own
+    name, whatever order the walk takes) or was read already: each real folder is read once."""
+    def relative(path):
+        path = os.path.relpath(path, root)
+        return "" if path == "." else path.replace(os.sep, "/") + "/"
+
+    real = set()
+    for folder, dirs, _ in os.walk(root):
+        real.add(os.path.realpath(folder))
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    found, unreadable, links, seen = [], [], [], set()
     for folder, dirs, files in os.walk(root, followlinks=True,
-                                       onerror=lambda e: unreadable.append(e.filename)):
+                                       onerror=lambda e: unreadable.append(
+                                           os.path.relpath(e.filename, root).replace(os.sep, "/") + "/")):
         seen.add(os.path.realpath(folder))
-        dirs[:] = [d for d in dirs if not d.startswith(".")
-                   and os.path.realpath(os.path.join(folder, d)) not in seen]
-        relative = os.path.relpath(folder, root)
-        prefix = "" if relative == "." else relative.replace(os.sep, "/") + "/"
-        found += [prefix + f for f in files if not f.startswith(".")]
-    return sorted(found), [os.path.relpath(f, root).replace(os.sep, "/") + "/" for f in unreadable]
+        kept = []
+        for d in (d for d in dirs if not d.startswith(".")):
+            path = os.path.join(folder, d)
+            target = os.path.realpath(path)
+            if target in seen or os.path.islink(path) and target in real:
+                links.append(f"{relative(path)} -> {relative(target) or './'}")
+            else:
+                kept.append(d)
+        dirs[:] = kept
+        found += [relative(folder) + f for f in files if not f.startswith(".")]
+    return sorted(found), unreadable, links
 
 
 def read_image_folder(root, config, limit):
@@ -136,9 +152,10 @@ def read_image_folder(root, config, limit):
     under the folder (or train/, test/), is its class; labels exist when every image has one
     and there are two classes or more.
     """
-    files, unreadable_folders = list_files(root)
+    files, unreadable_folders, links = list_files(root)
     by_folders = has_split_folders(root, files)
-    skipped = {"unreadable": unreadable_folders, "not an image": [], "outside train/ and test/": []}
+    skipped = {"unreadable": unreadable_folders, "not an image": [], "outside train/ and test/": [],
+               "link to a folder read once": links}
     images = image_files(root, files, by_folders, skipped, config)
     readable = probe_images(root, images, skipped, config)
     size, channels = choose_shape(root, readable, config)
@@ -147,9 +164,12 @@ def read_image_folder(root, config, limit):
               f"; add images, or raise --test-split ({config.test_split} now)")
     check_counts(root, len(readable) - n_test, n_test, advice)
     check_memory(root, len(readable), (*size, channels), config, limit)
-    x, readable, test = decode_images(root, readable, size, channels, skipped, config)
+    x, decoded, test = decode_images(root, readable, size, channels, skipped, config)
+    if len(decoded) < len(readable) and channels != channels_of(decoded, config):
+        # the colour came from images that then did not decode: the others again, in gray
+        x, decoded, test = decode_images(root, decoded, size, 1, skipped, config)
     check_counts(root, len(x[False]), len(x[True]), advice)
-    class_names, labels, no_labels = class_labels(readable, test)
+    class_names, labels, no_labels = class_labels(decoded, test)
     layout = "train/ and test/" if by_folders else f"test split {config.test_split}"
     return Data(f"{root} ({layout})", x[False], labels[False], x[True], labels[True], class_names,
                 skipped_notes(skipped, len(files)), no_labels)
@@ -208,8 +228,8 @@ def probe_images(root, images, skipped, config):
 
 
 def choose_shape(root, readable, config):
-    """(size, channels) of the data: --image-size, or the one size all images have; --channels,
-    or 1 when every image is gray, else 3."""
+    """(size, channels) of the data: --image-size, or the one size all images have; and
+    channels_of the images."""
     sizes = collections.Counter((h, w) for _, (h, w, _) in readable)
     if config.image_size:
         size = tuple(config.image_size)
@@ -220,8 +240,13 @@ def choose_shape(root, readable, config):
         (h, w), _ = sizes.most_common(1)[0]
         raise DataError(f"{root}: images of {len(sizes)} sizes ({found}{', ...' * (len(sizes) > 5)});"
                         f" choose the one to resize them all to, for example --image-size {h}x{w}")
-    channels = config.channels or (1 if all(gray for _, (_, _, gray) in readable) else 3)
-    return size, channels
+    return size, channels_of(readable, config)
+
+
+def channels_of(readable, config):
+    """--channels, or 1 when every image of readable [(image, (height, width, gray))] is gray,
+    else 3."""
+    return config.channels or (1 if all(gray for _, (_, _, gray) in readable) else 3)
 
 
 def decode_images(root, readable, size, channels, skipped, config):

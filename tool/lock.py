@@ -26,10 +26,19 @@ else:
 def lock_folder(folder):
     """Create folder if needed and lock it for this process: an exclusive OS lock on
     folder/.lock, which the kernel drops on any exit (kill -9 included). The file holds the
-    process id, to name it to a second process. Returns the open file; closing it unlocks."""
+    process id, to name it to a second process. Returns the open file; closing it unlocks.
+    Its attribute created lists what locking created (folders, then the lock file), for
+    unlock_refused."""
+    missing = []
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    lock_path = os.path.join(folder, LOCK_FILE)
     try:
         os.makedirs(folder, exist_ok=True)
-        f = open(os.path.join(folder, LOCK_FILE), "a+")
+        new_lock = not os.path.lexists(lock_path)
+        f = open(lock_path, "a+")
     except OSError as e:
         raise UserError(f"cannot write to output folder {folder}: {e.strerror}; "
                         "choose another with --out") from None
@@ -38,7 +47,20 @@ def lock_folder(folder):
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
+    f.created = missing[::-1] + [lock_path] * new_lock
     return f
+
+
+def unlock_refused(f):
+    """Unlock a folder whose run was refused, removing what lock_folder created there (the lock
+    file while still locked, then the folders it made, where empty): a refused command leaves
+    nothing behind."""
+    for path in reversed(f.created):
+        try:
+            os.rmdir(path) if os.path.isdir(path) else os.remove(path)
+        except OSError:
+            break  # not empty (or gone): what is left stays
+    f.close()
 
 
 def take_lock(f, folder):

@@ -1,5 +1,6 @@
 """Whether a run folder may be continued or started in, and the command that continues a run."""
 
+import json
 import os
 import shlex
 import shutil
@@ -39,24 +40,41 @@ def check_same_run(script, out, flags, data, saved):
     if before is None and (data["source"], data["shape"]) != ("Fashion-MNIST", [28, 28, 1]):
         before = BEFORE_DATASET
     if before and before["sha256"] != data["sha256"]:
+        then, now = data_text(before), data_text(data)
+        if then == now:  # the same source, counts and shape: the pixels or labels differ
+            then, now = (f"{text}, checksum {d['sha256'][:12]}" for text, d in ((then, before), (now, data)))
         raise UserError(
             f"--resume: the data differ from those of the run in {out} "
-            f"({data_text(before)} then, {data_text(data)} now); give the same "
+            f"({then} then, {now} now); give the same "
             "data to continue it, or start a new run in another --out")
 
 
-def old_run_files(script, out, overwrite):
+def old_run_files(script, out, flags, overwrite):
     """The files of a run already in out, which --overwrite replaces once the new run has an
     epoch; without --overwrite, a run there is refused with the commands that continue or
-    replace it."""
+    replace it (only the latter for a run of the other script, whose flags differ from flags)."""
     old_run = run_files(out, script.files)
     if old_run and not overwrite:
         names = ", ".join(os.path.basename(p) for p in old_run[:3])
+        if not same_script(out, flags):
+            raise UserError(f"{out} already holds a run of the other script ({names}"
+                            f"{', ...' * (len(old_run) > 3)}); replace it (its files are deleted) "
+                            "by adding --overwrite, or choose another --out")
         raise UserError(
             f"{out} already holds a run ({names}{', ...' * (len(old_run) > 3)});"
             f" continue it with: {command_line(script.prog, '--out', out, '--resume')}, "
             "or replace it (its files are deleted) by adding --overwrite")
     return old_run
+
+
+def same_script(out, flags):
+    """Whether the run.json in out, if readable, holds the flags of the script whose flags are
+    flags (each script has flags of its own)."""
+    try:
+        with open(os.path.join(out, "run.json")) as f:
+            return set(json.load(f)["flags"]) == set(flags)
+    except (OSError, ValueError, KeyError, TypeError):
+        return True  # nothing says otherwise
 
 
 def resume_command(script, out, flags, checkpointed_flags):

@@ -27,7 +27,6 @@ import sys
 import time
 from typing import NamedTuple
 
-import keras
 import tensorflow as tf
 
 import utils
@@ -35,7 +34,7 @@ from tool import files
 from tool.checkpoints import Checkpoints, checkpoint_prefixes, resume_point
 from tool.errors import Diverged, UserError
 from tool.files import check_folder, error_reason, remove, remove_leftovers
-from tool.lock import lock_folder
+from tool.lock import lock_folder, unlock_refused
 from tool.progress import EpochReport, save_progress
 from tool.resume import START_FLAGS, check_same_run, old_run_files, resume_command
 from tool.writer import EpochFiles
@@ -135,11 +134,11 @@ class Run:
             if config.resume:
                 self.start_resumed()
             else:
-                self.old_run = old_run_files(script, self.out, config.overwrite)
+                self.old_run = old_run_files(script, self.out, self.flags, config.overwrite)
             remove_leftovers(self.out)  # the folder is this run's, or one to be replaced
             self.files = EpochFiles(self.out, config.logdir)
         except BaseException:
-            self.lock.close()
+            unlock_refused(self.lock)
             self.epoch_thread.shutdown()
             raise
 
