@@ -12,7 +12,6 @@ whose codes follow N(0, I) (--adversarial, Makhzani et al. 2015), the codes as f
 """
 
 import argparse
-import os
 import time
 
 import tool.quiet  # noqa: F401  first: TensorFlow loads quietly, and Ctrl-C meanwhile is one line
@@ -278,10 +277,10 @@ def encode(model, images):
     return in_chunks(lambda x: model.encoder(x).numpy(), images)
 
 
-def compare_with_pca(config, model, data):
+def compare_with_pca(config, model, data, path):
     """PCA with --h-dim components against the autoencoder on the test set: reconstruction BCE
     and MSE, and, where the data have labels, 5-nearest-neighbour accuracy on the codes. Writes
-    pca_vs_ae.json and .png."""
+    pca_vs_ae.json and .png, at path(name)."""
     y_train, y_test = data.y_train, data.y_test
     # the PCA of the pixels as stored (0-255, no float copy of the training set): the same
     # directions as that of the pixels / 255, and 255 times the mean
@@ -302,11 +301,11 @@ def compare_with_pca(config, model, data):
     if y_train is not None:
         figures["pca"]["knn_accuracy"] = codes.knn_accuracy(pca_train, y_train, pca_test, y_test, k=5)
         figures["ae"]["knn_accuracy"] = codes.knn_accuracy(ae_train, y_train, ae_test, y_test, k=5)
-    files.write_json(os.path.join(config.out, "pca_vs_ae.json"), figures)
+    files.write_json(path("pca_vs_ae.json"), figures)
     note = "" if config.h_dim == 2 else f" (first 2 principal directions of {config.h_dim}-D codes)"
     codes.save_scatter_plots([(f"PCA{note}", codes.first_two_directions(pca_test)),
                               (f"autoencoder{note}", codes.first_two_directions(ae_test))],
-                             y_test, data.class_names, os.path.join(config.out, "pca_vs_ae.png"))
+                             y_test, data.class_names, path("pca_vs_ae.png"))
     for name in ("pca", "ae"):
         f = figures[name]
         accuracy = (f"  5-NN accuracy {f['knn_accuracy']:.4f}" if "knn_accuracy" in f
@@ -328,9 +327,9 @@ def evaluate_run(config, model, data, x_test, run, started):
                           identity_bce_noisy=float(input_bce(x_noisy, x_test)),
                           **codes.code_statistics(encode(model, data.x_test)))
     if config.export_codes:
-        export_codes(config, model, data)
+        export_codes(model, data, run.path("codes.npz"))
     if config.compare_pca:
-        summary["pca_vs_ae"] = compare_with_pca(config, model, data)
+        summary["pca_vs_ae"] = compare_with_pca(config, model, data, run.path)
     print(f"test bce from noisy inputs (sigma {config.eval_noise}): "
           f"{summary['test_bce_from_noisy']:.4f} (the noisy input itself: "
           f"{summary['identity_bce_noisy']:.4f});  codes: mean |mean| "
@@ -344,12 +343,12 @@ def evaluate_run(config, model, data, x_test, run, started):
     run.write_summary(summary, started)
 
 
-def export_codes(config, model, data):
-    """codes.npz: the train and test codes, with their labels if the data have them."""
+def export_codes(model, data, path):
+    """codes.npz at path: the train and test codes, with their labels if the data have them."""
     arrays = {"train_codes": encode(model, data.x_train), "test_codes": encode(model, data.x_test)}
     if data.y_train is not None:
         arrays.update(train_labels=data.y_train, test_labels=data.y_test)
-    utils.write_atomically(os.path.join(config.out, "codes.npz"), lambda tmp: np.savez(tmp, **arrays))
+    utils.write_atomically(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 # --- The command line ------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ and summary.json with an importance-weighted estimate of the test negative log-l
 """
 
 import math
-import os
 import time
 
 import tool.quiet  # noqa: F401  first: TensorFlow loads quietly, and Ctrl-C meanwhile is one line
@@ -235,7 +234,7 @@ def test_nll_iw(model, x_test, samples, seed, drawn_pixels=20000 * 784, decoded=
 def evaluate_run(config, model, data, x_test, run, started):
     """The end of a run: interpolation.png, the importance-weighted estimate of the test
     likelihood and the sample Frechet distance; all in summary.json."""
-    save_interpolations(model, x_test, data.shape, os.path.join(config.out, "interpolation.png"))
+    save_interpolations(model, x_test, data.shape, run.path("interpolation.png"))
     final = run.history[-1] if run.history else None
     summary = run.summary(test_neg_elbo=float(final["test_loss"]) if final else None,
                           iw_samples=config.iw_samples,

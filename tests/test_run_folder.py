@@ -356,7 +356,7 @@ def test_ctrl_c_answers_at_once_and_twice_stops_at_once(tiny_data, tmp_path):
     assert err.strip().splitlines() == [
         "ae.py: stopped by SIGINT during epoch 2, which is lost; the checkpoint of epoch 1 is "
         f"kept; continue with: {tool.resume.command_line('ae.py', '--out', out, '--resume')}"]
-    assert epochs_in(out) == [1] and tool.checkpoints.resume_point(out)[0].endswith("ckpt-1")
+    assert epochs_in(out) == [1] and tool.resume.resume_point(out)[0].endswith("ckpt-1")
     assert os.path.exists(os.path.join(out, "rec_epoch_001.png"))  # written before the exit
     assert not glob.glob(os.path.join(glob.escape(out), ".tmp-*"))  # and nothing half-written
 
@@ -432,9 +432,76 @@ def test_a_refused_start_deletes_nothing_of_someone_elses(tiny_data, tmp_path, c
     (out / "history.csv").write_text("theirs\n")
     before = snapshot(str(out))
     code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, *TINY)
-    assert code == 2 and "already holds a run" in err[0]
+    assert code == 2 and "holds files that no run of these scripts wrote" in err[0]
+    assert "--resume" not in err[0]  # no run of ours there: nothing to resume
     assert snapshot(str(out)) == before
     assert not (out / ".lock").exists()  # a refused command leaves nothing behind
+
+
+def test_a_folder_of_look_alike_files_is_no_run_and_overwrite_deletes_none(tiny_data, tmp_path,
+                                                                          capsys):
+    """A folder of the user's own files with names like a run's is not taken for a run: no advice
+    to resume, and --overwrite (which deleted all six) deletes none of them."""
+    data_dir, _ = tiny_data
+    out = tmp_path / "mine"
+    names = ["summary.json", "history.csv", "codes.npz", "holiday_epoch_2019.png",
+             "resnet50.weights.h5", "checkpoints/ckpt-2024-notes.txt"]
+    for name in names:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("mine")
+    before = snapshot(str(out))
+    for extra in ([], ["--overwrite"]):
+        code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, *TINY, *extra)
+        assert code == 2 and len(err) == 1 and "--resume" not in err[0], err
+        assert snapshot(str(out)) == before
+    (out / "summary.json").unlink()
+    (out / "history.csv").unlink()
+    (out / "codes.npz").unlink()  # nothing a run writes is left: a run starts, beside the rest
+    code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, *TINY, "--epochs", 1)
+    assert code == 0, err
+    kept = {k: v for k, v in before.items() if k not in ("summary.json", "history.csv", "codes.npz")}
+    assert {k: v for k, v in snapshot(str(out)).items() if k in kept} == kept
+
+
+def test_overwrite_keeps_the_users_files_in_a_run_folder(finished_run, capsys):
+    """--overwrite deletes what the run wrote (run.json lists it) and its checkpoints; a file of
+    the user's there stays, whatever its name."""
+    data_dir, out = finished_run
+    mine = ["holiday_epoch_2019.png", "resnet50.weights.h5", "checkpoints/ckpt-2024-notes.txt",
+            "rec_epoch_1999.png"]
+    for name in mine:
+        with open(os.path.join(out, name), "w") as f:
+            f.write("mine")
+    code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, *TINY, "--epochs", 1,
+                        "--overwrite")
+    assert code == 0, err
+    for name in mine:
+        with open(os.path.join(out, name)) as f:
+            assert f.read() == "mine"
+    assert epochs_in(out) == [1] and not os.path.exists(os.path.join(out, "rec_epoch_002.png"))
+    names = set(os.listdir(os.path.join(out, "checkpoints"))) - {"checkpoint", "ckpt-2024-notes.txt"}
+    assert "ckpt-1.index" in names and all(n.startswith("ckpt-1.") for n in names), names
+    with open(os.path.join(out, "run.json")) as f:
+        assert "rec_epoch_001.png" in json.load(f)["files"]
+
+
+def test_overwrite_on_a_full_disk_keeps_the_old_run_whole(finished_run, monkeypatch, capsys):
+    """The new run's first checkpoint cannot be written: the old run is still all there, and the
+    message says so, with no "Last good checkpoint: none"."""
+    data_dir, out = finished_run
+    before = snapshot(out)
+
+    def write(self, prefix, options=None):
+        raise tf.errors.ResourceExhaustedError(None, None, "No space left on device [Op:SaveV2]")
+    monkeypatch.setattr(tf.train.Checkpoint, "write", write)
+    code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, *TINY, "--overwrite")
+    assert code == 2 and len(err) == 1, err
+    assert "no space left" in err[0] and "the run that was there is untouched" in err[0]
+    assert "none" not in err[0]
+    assert snapshot(out) == before and not glob.glob(os.path.join(glob.escape(out), ".tmp-*"))
+    monkeypatch.undo()
+    code, err, _ = main(capsys, ae, "--out", out, "--resume", "--epochs", 3)  # it still resumes
+    assert code == 0 and epochs_in(out) == [1, 2, 3], err
 
 
 def test_a_refused_start_in_a_new_folder_leaves_no_folder(tiny_data, tmp_path, monkeypatch, capsys):

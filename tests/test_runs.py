@@ -2,16 +2,19 @@
 
 import argparse
 import csv
+import errno
 import glob
 import os
 import pathlib
 import shutil
+import shlex
 import signal
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 import ae
 import utils
@@ -19,9 +22,11 @@ import tool.checkpoints
 import tool.cli
 import tool.errors
 import tool.files
+import tool.folders
 import tool.progress
+import tool.resume
 import vae
-from conftest import make_config
+from conftest import main, make_config
 
 
 def read_history(out):
@@ -47,7 +52,7 @@ def check_resume_from_two_epochs_before_the_end(script, config, whole, tmp_path)
     for path in glob.glob(str(split / f"*_epoch_{n - 1:03d}.png")) + glob.glob(str(split / f"*_epoch_{n:03d}.png")):
         os.remove(path)
     tool.files.write_history(str(split / "history.csv"), read_history(whole)[:n - 2])
-    assert tool.checkpoints.resume_point(str(split))[0].endswith(f"ckpt-{n - 2}")
+    assert tool.resume.resume_point(str(split))[0].endswith(f"ckpt-{n - 2}")
     script.train(argparse.Namespace(**dict(vars(config), out=str(split), resume=True)))
     rows_whole, rows_split = read_history(whole), read_history(split)
     assert [r["epoch"] for r in rows_split] == [str(e) for e in range(1, n + 1)]  # none lost or doubled
@@ -194,7 +199,64 @@ def test_signals_act_as_usual_once_the_epochs_are_done(finished_run, tmp_path, m
     with pytest.raises(SystemExit) as info:
         tool.cli.run_main(ae.SCRIPT, interrupted, ae.make_parser(), ["--out", str(tmp_path / "x")])
     assert info.value.code == 130
-    assert capsys.readouterr().err.strip().splitlines() == ["ae.py: interrupted"]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "ae.py: stopped by SIGINT before training began, so nothing was written"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_the_end_of_run_figures_says_resume_finishes_them(
+        tiny_data, tmp_path, monkeypatch, capsys, sig):
+    """SIGTERM in the importance-weighted estimate ended with exit 143 and no line; SIGINT said
+    only "interrupted". Now one line says what stopped and the command that finishes it."""
+    data_dir, _ = tiny_data
+    out = tmp_path / "run"
+    real = vae.test_nll_iw
+
+    def signalled(*args):
+        os.kill(os.getpid(), sig)
+        return real(*args)
+    monkeypatch.setattr(vae, "test_nll_iw", signalled)
+    code, err, _ = main(capsys, vae, "--data-dir", data_dir, "--out", out, "--epochs", 1,
+                        "--batch-size", 100, "--fd-samples", 0, "--iw-samples", 5)
+    assert code == 128 + sig and len(err) == 1, err
+    name = signal.Signals(sig).name
+    assert f"stopped by {name} during the end-of-run figures; every epoch is saved" in err[0]
+    command = err[0].split("this finishes them: ")[1]
+    assert not (out / "summary.json").exists()
+    monkeypatch.undo()
+    code, err, _ = main(capsys, vae, *shlex.split(command)[2:])
+    assert code == 0 and (out / "summary.json").exists(), err
+
+
+def test_a_full_disk_at_the_end_names_the_folder_the_checkpoint_and_the_command(
+        finished_run, monkeypatch, capsys):
+    data_dir, out = finished_run
+
+    def full(path, **arrays):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    monkeypatch.setattr(np, "savez", full)
+    code, err, _ = main(capsys, ae, "--out", out, "--resume", "--export-codes")
+    assert code == 2 and len(err) == 1, err
+    assert f"cannot write into {out} (No space left on device) during the end-of-run" in err[0]
+    assert "ckpt-2" in err[0] and "--export-codes" in err[0].split("this finishes them: ")[1]
+
+
+def test_sigterm_while_the_images_are_decoded_is_one_line(tmp_path, monkeypatch, capsys):
+    for k in range(700):  # about 70 in the test split, more than the 50 needed
+        path = tmp_path / "data" / f"{k:03d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(np.full((4, 4), k % 256, np.uint8)).save(path)
+    real = tool.folders.decode_image
+
+    def decode(job):
+        if job[0].endswith("007.png"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(job)
+    monkeypatch.setattr(tool.folders, "decode_image", decode)
+    code, err, _ = main(capsys, ae, "--dataset", tmp_path / "data", "--out", tmp_path / "run")
+    assert code == 143 and err == ["ae.py: stopped by SIGTERM before training began, so nothing "
+                                   "was written"]
+    assert not (tmp_path / "run").exists()
 
 
 # --- --grid-every and progress.gif -----------------------------------------------------------------

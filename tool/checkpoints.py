@@ -1,5 +1,5 @@
 """A run folder's checkpoints: found from their own files, read back whole, written by one traced
-call; and where --resume continues."""
+call."""
 
 import glob
 import json
@@ -7,7 +7,6 @@ import os
 
 import tensorflow as tf
 
-from tool.errors import UserError
 from utils import write_atomically
 
 
@@ -16,22 +15,9 @@ LATER_FLAGS = {"dataset": "fashion-mnist", "image_size": None, "channels": None,
                "strict": False, "max_memory": None, "fd_samples": 10000, "grid_every": 1}
 
 
-# What a run of either script writes into --out; each script adds its own (Script.files), and
-# --overwrite deletes these and nothing else.
-RUN_FILES = ("run.json", "history.csv", "checkpoints/checkpoint", "checkpoints/ckpt-[0-9]*",
-             "*_epoch_[0-9]*.png", "progress.gif", "*.weights.h5", "summary.json")
-
-
 SAVED = {"flags": "run_flags/.ATTRIBUTES/VARIABLE_VALUE",
          "history": "run_history/.ATTRIBUTES/VARIABLE_VALUE",
          "data": "run_data/.ATTRIBUTES/VARIABLE_VALUE"}  # absent from runs saved before --dataset
-
-
-def run_files(out_dir, own=()):
-    """The files of a run in out_dir (see RUN_FILES; own: the script's own names), sorted."""
-    folder = glob.escape(out_dir)
-    return sorted(p for pattern in RUN_FILES + tuple(own)
-                  for p in glob.glob(os.path.join(folder, pattern)))
 
 
 def checkpoint_prefixes(out_dir):
@@ -69,27 +55,6 @@ def read_checkpoint(prefix):
                                 "these scripts?)") from None
 
 
-def resume_point(out_dir, own_files=()):
-    """Where --resume continues the run in out_dir: (prefix, saved, skipped) for the newest
-    checkpoint that reads whole, what it saved, and [(name, reason)] for newer ones that do not.
-    Raises UserError when there is none."""
-    skipped = []
-    for prefix in checkpoint_prefixes(out_dir):
-        try:
-            return prefix, read_checkpoint(prefix), skipped
-        except DamagedCheckpoint as e:
-            skipped.append((os.path.basename(prefix), str(e)))
-    if skipped:
-        reasons = "; ".join(f"{name}: {reason}" for name, reason in skipped)
-        raise UserError(f"--resume: no checkpoint in {os.path.join(out_dir, 'checkpoints')} reads "
-                        f"whole ({reasons}); to start afresh instead, --overwrite deletes them "
-                        "with the rest of the run's files")
-    if run_files(out_dir, own_files):
-        raise UserError(f"--resume: {out_dir} holds files of a run but no checkpoint to continue "
-                        "from; to start afresh, --overwrite deletes those files")
-    raise UserError(f"--resume: {out_dir} holds no run to continue; start one without --resume")
-
-
 class Checkpoints:
     """A run's checkpoints, ckpt-EPOCH in directory, the newest three kept and listed in the
     'checkpoint' state file that tf.train.latest_checkpoint reads: what tf.train.CheckpointManager
@@ -120,6 +85,16 @@ class Checkpoints:
             for path in sorted(glob.glob(glob.escape(old) + ".*"), key=lambda p: p.endswith(".index")):
                 os.remove(path)
         self.kept = self.kept[-self.KEEP:]
+
+    def move_to(self, directory):
+        """Move the checkpoints and the state file into directory (the first checkpoint of a run
+        that replaces another is written beside it, and moved in once the other is gone)."""
+        os.makedirs(directory, exist_ok=True)
+        for name in sorted(os.listdir(self.directory), key=lambda n: n.endswith(".index")):
+            os.replace(os.path.join(self.directory, name), os.path.join(directory, name))
+        os.rmdir(self.directory)
+        self.kept = [os.path.join(directory, os.path.basename(p)) for p in self.kept]
+        self.directory = directory
 
     def record(self):
         """The state file (a CheckpointState in protobuf text), listing the newest three."""

@@ -2,14 +2,14 @@
 main(), which turns expected mistakes into one line and an exit code."""
 
 import argparse
-import errno
 import math
 import os
+import signal
 import sys
 
-from tool.checkpoints import resume_point
-from tool.errors import UserError
+from tool.errors import DISK_ERRORS, Stopped, UserError, raise_stopped
 from tool.lock import check_unlocked
+from tool.resume import resume_point
 from tool.sources import DEBIAN_DIR
 
 
@@ -178,10 +178,6 @@ def check_paths(config):
                             "outside that folder")
 
 
-# errno values that mean the disk, not the code: full, over quota, read-only, no permission
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
 def run_main(script, train, parser, argv=None):
     """A script's main(): parse the flags and run train(config); expected mistakes become one
     line on stderr and an exit code."""
@@ -189,6 +185,7 @@ def run_main(script, train, parser, argv=None):
     for stream in (sys.stdout, sys.stderr):  # names that are not UTF-8 are printed escaped
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+    signal.signal(signal.SIGTERM, raise_stopped)  # what runs unwinds, as for Ctrl-C
     try:
         return train(parse_config(parser, script, argv))
     except UserError as e:
@@ -204,9 +201,11 @@ def run_main(script, train, parser, argv=None):
         print(f"{prog}: error: out of memory ({e}); use a smaller --image-size or fewer images",
               file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:  # outside the epochs, where Run turns Ctrl-C into a clean stop
-        print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # before the run began (Run answers it from then on)
+        stop = e if isinstance(e, Stopped) else Stopped()
+        print(f"{prog}: stopped by {stop.name} before training began, so nothing was written",
+              file=sys.stderr)
+        sys.exit(128 + stop.signum)
 
 
 def script_main(script, train, make_parser):

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from tool.data import Data, check_counts, check_memory, convert_image
-from tool.errors import DataError
+from tool.errors import DataError, raise_stopped
 from tool.progress import progress
 
 
@@ -73,9 +73,8 @@ def parallel_map(fn, items, chunk=1000):
     pool = concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("fork"), initializer=start_worker)
 
-    def stop(signum, frame):  # SIGTERM too ends the workers (below) before this process
-        raise SystemExit(128 + signum)
-    before = signal.signal(signal.SIGTERM, stop)
+    # SIGTERM too ends the workers (below) before this process
+    before = signal.signal(signal.SIGTERM, raise_stopped)
     try:
         chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
         for results in pool.map(map_list, [fn] * len(chunks), chunks):
@@ -94,6 +93,7 @@ def start_worker():
     """In each worker: Ctrl-C is the parent's to answer; and the worker goes when the parent
     does, even by kill -9 (Linux's PR_SET_PDEATHSIG)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # terminate() ends it at once, quietly
     try:
         import ctypes
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)

@@ -1,7 +1,6 @@
 """How far a long computation is (a progress bar, or a line every few seconds), and progress.gif,
 a run's grids over its epochs."""
 
-import glob
 import os
 import sys
 import time
@@ -60,18 +59,19 @@ def save_progress_gif(paths, epochs, path, band=14):
         tmp, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0))
 
 
-def save_progress(out, grid):
-    """out/progress.gif: the grids named grid (NAME_epoch_NNN.png) over the run, as the folder
-    holds them, at most PROGRESS_FRAMES spread evenly from the first to the last, each with its
-    epoch written above it."""
+def save_progress(out, names, grid, path):
+    """progress.gif at path: the grids named grid (NAME_epoch_NNN.png) among names (the files of
+    the run in out), at most PROGRESS_FRAMES spread evenly from the first to the last, each with
+    its epoch written above it (those still there)."""
     found = []
-    for path in glob.glob(os.path.join(glob.escape(out), f"{grid}_epoch_*.png")):
-        number = os.path.basename(path)[len(grid) + len("_epoch_"):-len(".png")]
-        if number.isdigit():
-            found.append((int(number), path))
+    for name in names:
+        number = name[len(grid) + len("_epoch_"):-len(".png")]
+        path_of = os.path.join(out, name)
+        if (name.startswith(grid + "_epoch_") and name.endswith(".png") and number.isdigit()
+                and os.path.exists(path_of)):
+            found.append((int(number), path_of))
     chosen = spread(sorted(found), PROGRESS_FRAMES)
-    save_progress_gif([path for _, path in chosen], [epoch for epoch, _ in chosen],
-                      os.path.join(out, "progress.gif"))
+    save_progress_gif([image for _, image in chosen], [epoch for epoch, _ in chosen], path)
 
 
 class EpochReport:

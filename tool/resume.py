@@ -6,8 +6,9 @@ import shlex
 import shutil
 import sys
 
-from tool.checkpoints import run_files
+from tool.checkpoints import DamagedCheckpoint, checkpoint_prefixes, read_checkpoint
 from tool.errors import UserError
+from tool.manifest import files_of_run, written_over
 
 # Flags of both scripts that may differ when a run is resumed: where things are, how long to go
 # on, and what to measure at the end (each script adds its own: Script.resumable_flags). Any
@@ -19,6 +20,27 @@ START_FLAGS = {"out", "resume", "overwrite"}
 # The data of runs saved before --dataset existed, whose checkpoints do not say
 BEFORE_DATASET = {"source": "Fashion-MNIST", "shape": [28, 28, 1], "train": 60000, "test": 10000,
                   "sha256": "the data of runs before --dataset"}
+
+
+def resume_point(out_dir, own_files=()):
+    """Where --resume continues the run in out_dir: (prefix, saved, skipped) for the newest
+    checkpoint that reads whole, what it saved, and [(name, reason)] for newer ones that do not.
+    Raises UserError when there is none."""
+    skipped = []
+    for prefix in checkpoint_prefixes(out_dir):
+        try:
+            return prefix, read_checkpoint(prefix), skipped
+        except DamagedCheckpoint as e:
+            skipped.append((os.path.basename(prefix), str(e)))
+    if skipped:
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in skipped)
+        raise UserError(f"--resume: no checkpoint in {os.path.join(out_dir, 'checkpoints')} reads "
+                        f"whole ({reasons}); to start afresh instead, --overwrite deletes them "
+                        "with the rest of the run's files")
+    if files_of_run(out_dir, own_files):
+        raise UserError(f"--resume: {out_dir} holds files of a run but no checkpoint to continue "
+                        "from; to start afresh, --overwrite deletes those files")
+    raise UserError(f"--resume: {out_dir} holds no run to continue; start one without --resume")
 
 
 def check_same_run(script, out, flags, data, saved):
@@ -52,8 +74,14 @@ def check_same_run(script, out, flags, data, saved):
 def old_run_files(script, out, flags, overwrite):
     """The files of a run already in out, which --overwrite replaces once the new run has an
     epoch; without --overwrite, a run there is refused with the commands that continue or
-    replace it (only the latter for a run of the other script, whose flags differ from flags)."""
-    old_run = run_files(out, script.files)
+    replace it (only the latter for a run of the other script, whose flags differ from flags).
+    Files that no run wrote but a run would write over are refused, with or without it."""
+    old_run = files_of_run(out, script.files)
+    clash = [] if old_run else written_over(out, script.files + (script.weights,))
+    if clash:
+        names = ", ".join(os.path.relpath(p, out) for p in clash[:3])
+        raise UserError(f"{out} holds files that no run of these scripts wrote, which a run would "
+                        f"write over ({names}{', ...' * (len(clash) > 3)}); choose another --out")
     if old_run and not overwrite:
         names = ", ".join(os.path.basename(p) for p in old_run[:3])
         if not same_script(out, flags):

@@ -30,14 +30,19 @@ from typing import NamedTuple
 import tensorflow as tf
 
 import utils
+from utils import TMP_PREFIX
 from tool import files
-from tool.checkpoints import Checkpoints, checkpoint_prefixes, resume_point
-from tool.errors import Diverged, UserError
+from tool.checkpoints import Checkpoints, checkpoint_prefixes
+from tool.errors import DISK_ERRORS, Diverged, Stopped, UserError
 from tool.files import check_folder, error_reason, remove, remove_leftovers
 from tool.lock import lock_folder, unlock_refused
+from tool.manifest import Manifest, files_of_run
 from tool.progress import EpochReport, save_progress
-from tool.resume import START_FLAGS, check_same_run, old_run_files, resume_command
+from tool.resume import START_FLAGS, check_same_run, old_run_files, resume_command, resume_point
 from tool.writer import EpochFiles
+
+
+NEW_CHECKPOINTS = TMP_PREFIX + "new-checkpoints"  # a replacing run's first, removed if left
 
 
 class Script(NamedTuple):
@@ -46,6 +51,11 @@ class Script(NamedTuple):
     prog: str
     resumable_flags: tuple = ()
     files: tuple = ()
+
+    @property
+    def weights(self):
+        """The file of the final weights: ae.weights.h5 for ae.py."""
+        return os.path.splitext(self.prog)[0] + ".weights.h5"
 
 
 def check_start(config, data):
@@ -62,6 +72,17 @@ def check_start(config, data):
             raise UserError("--logdir needs TensorBoard: pip install tensorboard") from None
         check_folder(config.logdir, "--logdir")
     check_folder(config.out, "--out")
+
+
+def finishing_error(exc, out):
+    """(what happened, exit code) where exc, a signal or a failed write, stopped the end-of-run
+    work of the run in out; None for another exception, or none."""
+    if isinstance(exc, KeyboardInterrupt):
+        stop = exc if isinstance(exc, Stopped) else Stopped()
+        return f"stopped by {stop.name}", 128 + stop.signum
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRORS or isinstance(exc, tf.errors.OpError):
+        return f"cannot write into {out} ({error_reason(exc)})", 2
+    return None
 
 
 class Stop:
@@ -92,19 +113,25 @@ class Stop:
         elif not self.writing:  # while writing, the epoch is as good as saved: stop after it
             self.stop_now(signum)
 
+    def exit_after(self, done, resume_command):
+        """Exit, on the first signal, once epoch done is saved (0: none was), saying how to
+        continue (resume_command())."""
+        name = signal.Signals(self.signal).name
+        if done:
+            print(f"{self.prog}: stopped by {name} after epoch {done}, checkpoint saved; continue "
+                  f"with: {resume_command()}", file=sys.stderr, flush=True)
+        else:
+            print(f"{self.prog}: stopped by {name} before the first epoch ended; nothing to resume",
+                  file=sys.stderr, flush=True)
+        sys.exit(128 + self.signal)
+
 
 class Run:
     """A training run in its output folder (see the module's docstring).
 
-    Use it as a context manager (it owns the lock and the signal handlers):
-
-        with Run(config, SCRIPT, data) as run:
-            first = run.restore(model=model, optimizer=optimizer, rng=rng)
-            for epoch in run.epochs(first):
-                (losses, test), seconds = run.call(train_epoch, x_train)
-                ...
-                run.end_epoch(row, grids, "train bce 0.2850  test bce 0.2865")
-            run.save_final(model, "ae.weights.h5", "rec")
+    Use it as a context manager (it owns the lock and the signal handlers), as train() in
+    ae.py and vae.py does: run.restore(...), then for each epoch of run.epochs(first),
+    run.call(train_epoch, x_train) and run.end_epoch(row, grids, figures); run.save_final(...).
     """
 
     def __init__(self, config, script, data):
@@ -126,7 +153,8 @@ class Run:
         self.checkpoint = None  # the tf.train.Checkpoint, once restore() knows what it tracks
         self.checkpoints = None  # Checkpoints, from the first one saved or resumed
         self.report = EpochReport(config.epochs)
-        self.wrote = False  # whether this process has written run.json yet
+        self.finishing = False  # once the epochs are done, for the end-of-run figures
+        self.manifest = Manifest(self.out, self.flags, self.data)  # run.json
         self.stop = Stop(self.prog, self.stop_now)
         self.epoch_thread = concurrent.futures.ThreadPoolExecutor(1)  # the epochs (see call)
         self.lock = lock_folder(self.out)
@@ -152,12 +180,14 @@ class Run:
         self.resumed_data = saved.get("data")
         self.checkpointed_flags = saved["flags"]
         self.resumed_epoch = self.history[-1]["epoch"] if self.history else 0
+        self.manifest.add(*(os.path.relpath(p, self.out) for p in files_of_run(self.out, self.script.files)
+                            if os.path.dirname(p) != os.path.join(self.out, "checkpoints")))
 
     def __enter__(self):
         self.stop.install()
         return self
 
-    def __exit__(self, exc_type, *exc):
+    def __exit__(self, exc_type, exc, traceback):
         self.stop.uninstall()
         try:
             if exc_type is None:
@@ -168,6 +198,11 @@ class Run:
             self.epoch_thread.shutdown()
             self.files.close()
             self.lock.close()
+        error = self.finishing and finishing_error(exc, self.out)
+        if error:
+            raise UserError(f"{error[0]} during the end-of-run figures; every epoch is saved (the "
+                            f"last checkpoint is {self.checkpoints.latest}), and this finishes "
+                            f"them: {self.resume_command()}", exit_code=error[1]) from None
 
     def stop_now(self, signum):
         """Exit at once, from a signal handler: the epoch in progress runs on another thread,
@@ -226,13 +261,18 @@ class Run:
         """On resume: run.json and history.csv as the checkpoint has them."""
         with self.writing_files():
             self.saved_data.assign(json.dumps(self.data))  # an older run's checkpoint lacks it
-            files.write_json(os.path.join(self.out, "run.json"), self.run_json())
+            self.manifest.add("run.json", "history.csv")
+            self.manifest.write()
             if self.history:
                 files.rebuild_history(self.prog, os.path.join(self.out, "history.csv"), self.history)
 
-    def run_json(self):
-        """run.json: the run's flags and what identifies its data."""
-        return {"flags": self.flags, "data": self.data}
+    def path(self, name):
+        """The path of the file name in the run folder, listed in run.json before it is written."""
+        if name not in self.manifest.names:
+            self.manifest.add(name)
+            with self.writing_files():
+                self.manifest.write()
+        return os.path.join(self.out, name)
 
     def epochs(self, first):
         """The epochs first .. --epochs; stops with exit code 128 + signal number when SIGINT or
@@ -245,19 +285,11 @@ class Run:
             self.interrupted()
         self.flush()  # the end-of-run work reads the grids
         self.stop.uninstall()  # the end-of-run work is not an epoch: Ctrl-C stops it at once
+        self.finishing = True
 
     def interrupted(self):
         self.flush()
-        signum, done = self.stop.signal, int(self.epoch)
-        name = signal.Signals(signum).name
-        if done:
-            print(f"{self.prog}: stopped by {name} after epoch {done}, checkpoint saved; continue "
-                  f"with: {self.resume_command()}",
-                  file=sys.stderr, flush=True)
-        else:
-            print(f"{self.prog}: stopped by {name} before the first epoch ended; nothing to resume",
-                  file=sys.stderr, flush=True)
-        sys.exit(128 + signum)
+        self.stop.exit_after(int(self.epoch), self.resume_command)
 
     @contextlib.contextmanager
     def writing_files(self):
@@ -268,8 +300,11 @@ class Run:
             yield
         except (OSError, tf.errors.OpError) as e:
             remove_leftovers(self.out)
-            last = self.checkpoints and self.checkpoints.latest
-            if last:
+            last = self.checkpoints and not self.old_run and self.checkpoints.latest
+            if self.old_run:
+                after = ("the run that was there is untouched (it is replaced only once this one "
+                         "has an epoch saved); once the cause is fixed, start this one again")
+            elif last:
                 after = (f"the last good checkpoint is {last}; once the cause is fixed, continue "
                          f"with: {self.resume_command()}")
             else:
@@ -285,28 +320,33 @@ class Run:
         epoch = row["epoch"]
         bad = [k for k, v in row.items() if not math.isfinite(v)]
         if bad:
-            kept = (self.checkpoints and self.checkpoints.latest) or "none, as no epoch finished"
+            kept = (self.checkpoints and self.checkpoints.latest) or "none, as no epoch finished" + (
+                f"; the run that was in {self.out} is untouched" if self.old_run else "")
             raise Diverged(f"epoch {epoch}: {bad[0]} is {row[bad[0]]}; training diverged, most "
                            f"likely because the learning rate ({self.config.lr}) is too high: "
                            f"try a smaller --lr. Last good checkpoint: {kept}")
         self.flush()
+        checkpoints = os.path.join(self.out, "checkpoints")
         with self.writing_files():
-            for path in self.old_run:  # --overwrite: the old run goes once the new one has an epoch
-                remove(path)
-            self.old_run = []
-            if self.checkpoints is None:
-                self.checkpoints = Checkpoints(self.checkpoint, os.path.join(self.out, "checkpoints"))
+            if self.checkpoints is None:  # replacing a run (--overwrite): written beside it first
+                self.checkpoints = Checkpoints(self.checkpoint, os.path.join(
+                    self.out, NEW_CHECKPOINTS) if self.old_run else checkpoints)
             self.epoch.assign(epoch)
             self.saved_flags.assign(json.dumps(self.flags))
             self.saved_history.assign(json.dumps(self.history + [row]))
             self.checkpoints.save(epoch)
+            if self.old_run:  # the new run's first checkpoint is on disk: the old run goes
+                for path in self.old_run:
+                    remove(path)
+                self.old_run = []
+                self.checkpoints.move_to(checkpoints)
             self.checkpointed_flags = self.flags
             self.history.append(row)
         grids = grids if epoch % self.config.grid_every == 0 or epoch == self.config.epochs else {}
+        self.manifest.add("run.json", "history.csv", *(f"{name}_epoch_{epoch:03d}.png" for name in grids))
         self.stop.writing = True  # until the writer holds the job, so a second signal waits
-        self.files.submit(row, list(self.history), grids, None if self.wrote else self.run_json())
+        self.files.submit(row, list(self.history), grids, self.manifest.json())
         self.stop.writing = False
-        self.wrote = True
         self.report(row, figures)
 
     def flush(self):
@@ -318,9 +358,10 @@ class Run:
     def save_final(self, model, name, grid):
         """The end of the epochs: the final weights as name (loadable with
         model.load_weights(path) into a built model), and progress.gif of the grids named grid."""
+        weights, gif = self.path(name), self.path("progress.gif")
         with self.writing_files():
-            utils.write_atomically(os.path.join(self.out, name), model.save_weights)
-            save_progress(self.out, grid)
+            utils.write_atomically(weights, model.save_weights)
+            save_progress(self.out, sorted(self.manifest.names), grid, gif)
 
     def summary(self, **figures):
         """summary.json's head (the flags, the data, the last epoch's row and the training time)
@@ -333,4 +374,4 @@ class Run:
     def write_summary(self, summary, started):
         """summary.json, with the seconds since started (time.perf_counter()) added."""
         summary["total_seconds"] = round(time.perf_counter() - started, 1)
-        files.write_json(os.path.join(self.out, "summary.json"), summary)
+        files.write_json(self.path("summary.json"), summary)

@@ -30,13 +30,12 @@ class EpochFiles:
 
     def submit(self, row, history, grids, run_json):
         """Start writing the files of the epoch of row: history (the rows up to it), grids
-        ({name: 100 images} as NAME_epoch_NNN.png), and run_json (a dict) unless None."""
+        ({name: 100 images} as NAME_epoch_NNN.png), and run_json (a dict)."""
         self.pending = self.pool.submit(self.write, row, history, grids, run_json)
 
     def write(self, row, history, grids, run_json):
         epoch = row["epoch"]
-        if run_json is not None:
-            write_json(os.path.join(self.out, "run.json"), run_json)
+        write_json(os.path.join(self.out, "run.json"), run_json)
         write_history(os.path.join(self.out, "history.csv"), history)
         for name, images in grids.items():
             utils.save_images(images, os.path.join(self.out, f"{name}_epoch_{epoch:03d}.png"))
