@@ -567,3 +567,23 @@ def test_negative_labels_are_named_as_such(tmp_path):
     with pytest.raises(tool.errors.DataError, match=r"y_train must hold integer class numbers "
                        r"from 0 \(its smallest is -1\)"):
         tool.sources.load_data(config(path))
+
+
+def test_strict_names_an_unreadable_folder_as_a_folder():
+    skipped = {"unreadable": [], "unreadable folder": ["private/"]}
+    with pytest.raises(tool.errors.DataError, match=r"root: 1 folder could not be read \(private/\)"):
+        tool.folders.check_strict("root", skipped, config("root", strict=True))
+    skipped["unreadable"] = ["a.png (OSError: truncated)", "b.png (OSError: truncated)"]
+    with pytest.raises(tool.errors.DataError, match=r"2 image files and 1 folder could not be read"):
+        tool.folders.check_strict("root", skipped, config("root", strict=True))
+
+
+def test_images_pillow_calls_decompression_bombs_are_decoded_with_one_note(tmp_path, monkeypatch,
+                                                                         recwarn):
+    """Pillow's two-line DecompressionBombWarning for a large image reached stderr as is."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40 x 30 pixels are "large" now
+    write_split_folder(tmp_path, size=(40, 30))
+    data = tool.sources.load_data(config(tmp_path))
+    assert data.x_train.shape == (60, 40, 30, 1)
+    assert "decoded 110 images of more than 1,000 pixels, which Pillow warns of" in data.notes[-1]
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]

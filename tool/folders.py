@@ -7,6 +7,7 @@ import hashlib
 import os
 import signal
 import sys
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -35,7 +36,10 @@ def upright(image):
 def probe_image(path):
     """(height, width, gray) of an image file, from its header; or the reason it is unreadable."""
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # see large_notes
+            image = Image.open(path)
+        with image:
             width, height = image.size
             if image.format in ("JPEG", "MPO", "WEBP") and image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
                 width, height = height, width  # rotated by a quarter turn
@@ -53,8 +57,10 @@ def decode_image(job):
     """The pixels of one image file as convert_image gives them, or the reason it is unreadable."""
     path, size, channels = job
     try:
-        with Image.open(path) as image:
-            return convert_image(upright(image), size, channels)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # see large_notes
+            with Image.open(path) as image:
+                return convert_image(upright(image), size, channels)
     except Exception as e:
         return f"{type(e).__name__}: {e}"
 
@@ -154,8 +160,8 @@ def read_image_folder(root, config, limit):
     """
     files, unreadable_folders, links = list_files(root)
     by_folders = has_split_folders(root, files)
-    skipped = {"unreadable": unreadable_folders, "not an image": [], "outside train/ and test/": [],
-               "link to a folder read once": links}
+    skipped = {"unreadable": [], "unreadable folder": unreadable_folders, "not an image": [],
+               "outside train/ and test/": [], "link to a folder read once": links}
     images = image_files(root, files, by_folders, skipped, config)
     readable = probe_images(root, images, skipped, config)
     size, channels = choose_shape(root, readable, config)
@@ -172,7 +178,7 @@ def read_image_folder(root, config, limit):
     class_names, labels, no_labels = class_labels(decoded, test)
     layout = "train/ and test/" if by_folders else f"test split {config.test_split}"
     return Data(f"{root} ({layout})", x[False], labels[False], x[True], labels[True], class_names,
-                skipped_notes(skipped, len(files)), no_labels)
+                skipped_notes(skipped, len(files)) + large_notes(decoded), no_labels)
 
 
 def has_split_folders(root, files):
@@ -292,6 +298,17 @@ def class_labels(readable, test):
     return class_names, labels, no_labels
 
 
+def large_notes(decoded):
+    """The line naming the images Pillow warns of as possible decompression bombs, if any (its
+    warning, two lines on standard error, is held back: they are the user's own images)."""
+    large = [f for (f, _, _), (h, w, _) in decoded if h * w > Image.MAX_IMAGE_PIXELS]
+    if not large:
+        return []
+    return [f"decoded {len(large):,} image{'s' * (len(large) > 1)} of more than "
+            f"{Image.MAX_IMAGE_PIXELS:,} pixels, which Pillow warns of as possible decompression "
+            f"bombs ({', '.join(large[:SHOWN])}{', ...' * (len(large) > SHOWN)})"]
+
+
 def skipped_notes(skipped, n_files):
     """The line that counts the files skipped, by reason, naming the first few; or none."""
     summary_skips = {k: v for k, v in skipped.items() if v}
@@ -303,8 +320,11 @@ def skipped_notes(skipped, n_files):
 
 
 def check_strict(root, skipped, config):
-    if config.strict and skipped["unreadable"]:
-        bad = skipped["unreadable"]
-        raise DataError(f"{root}: {len(bad)} image file{'s' * (len(bad) > 1)} could not be read "
+    """--strict: refuse the data where an image file, or a folder, could not be read."""
+    kinds = (("image file", skipped["unreadable"]), ("folder", skipped["unreadable folder"]))
+    bad = skipped["unreadable"] + skipped["unreadable folder"]
+    if config.strict and bad:
+        what = " and ".join(f"{len(v)} {kind}{'s' * (len(v) > 1)}" for kind, v in kinds if v)
+        raise DataError(f"{root}: {what} could not be read "
                         f"({', '.join(bad[:SHOWN])}{', ...' * (len(bad) > SHOWN)}); --strict "
                         "allows none: remove or fix them, or leave out --strict to skip them")
