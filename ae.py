@@ -233,23 +233,26 @@ def train(config):
             return {"losses": compute_loss(model, x_test_in, x_test),
                     "x_hat": tf.sigmoid(model(x_probe_in)), "decoded": decoded}
 
+        def grids_of(test):  # the epoch's grids, from what evaluate() gave
+            rec = (utils.triplet_grid(x_probe_in, test["x_hat"], x_probe, data.shape) if config.noise
+                   else utils.pair_grid(x_probe, test["x_hat"], data.shape))
+            return {"rec": rec, **{k: utils.to_uint8(v, data.shape) for k, v in test["decoded"].items()}}
+
         names = [config.loss] + (["disc", "gen"] if config.adversarial else [])
         train_step = make_train_step(config, model, optimizers, rng, discriminator)
         train_epoch = utils.compile_epoch(train_step, names, rng, config.batch_size, evaluate)
         players = {"discriminator": discriminator} if discriminator is not None else {}
         # the generator of random numbers is "generator" in every run's checkpoints
         first = run.restore(model=model, generator=rng, **optimizers, **players)
+        run.recreate_grids(lambda: grids_of(evaluate()))
         for epoch in run.epochs(first):
             (train_losses, test), seconds = run.call(train_epoch, x_train)
             row = utils.history_row(epoch, seconds, train=train_losses, test=test["losses"])
-            grids = {"rec": (utils.triplet_grid(x_probe_in, test["x_hat"], x_probe, data.shape)
-                             if config.noise else utils.pair_grid(x_probe, test["x_hat"], data.shape))}
-            grids.update({k: utils.to_uint8(images, data.shape) for k, images in test["decoded"].items()})
             figures = (f"train {config.loss} {row['train_' + config.loss]:.4f}  test bce "
                        f"{row['test_bce']:.4f}  test mse {row['test_mse']:.4f}")
             if config.adversarial:
                 figures += f"  disc {row['train_disc']:.3f}  gen {row['train_gen']:.3f}"
-            run.end_epoch(row, grids, figures)
+            run.end_epoch(row, grids_of(test), figures)
         run.save_final(model, "ae.weights.h5", "sample" if config.adversarial else "rec")
         evaluate_run(config, model, data, x_test, run, started)
         return run.history

@@ -150,20 +150,23 @@ def train(config):
             return {"losses": compute_loss(model, x_test, eps_test),
                     "x_hat": tf.sigmoid(model(x_probe, eps_test[:50])[0]), "decoded": decoded}
 
+        def grids_of(test):  # the epoch's grids, from what evaluate() gave
+            rec = utils.pair_grid(x_probe, test["x_hat"], data.shape)
+            return {"rec": rec, **{k: utils.to_uint8(v, data.shape) for k, v in test["decoded"].items()}}
+
         train_epoch = utils.compile_epoch(make_train_step(config, model, optimizer, rng),
                                           ["loss", "rec", "kl"], rng, config.batch_size, evaluate)
         # the generator of random numbers is "generator" in every run's checkpoints
         first = run.restore(model=model, optimizer=optimizer, generator=rng, z_sample=z_sample,
                             eps_test=eps_test)
+        run.recreate_grids(lambda: grids_of(evaluate()))
         for epoch in run.epochs(first):
             (train_losses, test), seconds = run.call(train_epoch, x_train)
             row = utils.history_row(epoch, seconds, train={k: train_losses[k] for k in LOSSES},
                                     test={k: test["losses"][k] for k in LOSSES})
             row["beta"] = config.beta
             row["test_bits_per_dim"] = bits_per_dim(row["test_loss"], data.pixels)
-            grids = {"rec": utils.pair_grid(x_probe, test["x_hat"], data.shape)}
-            grids.update({k: utils.to_uint8(images, data.shape) for k, images in test["decoded"].items()})
-            run.end_epoch(row, grids, f"train loss {row['train_loss']:.2f}  test loss "
+            run.end_epoch(row, grids_of(test), f"train loss {row['train_loss']:.2f}  test loss "
                           f"{row['test_loss']:.2f} = rec {row['test_rec']:.2f} + kl "
                           f"{row['test_kl']:.2f} (nats/image; {row['test_bits_per_dim']:.4f} "
                           "bits/dim)")

@@ -540,6 +540,21 @@ def test_paths_that_cannot_work_are_refused_before_anything_is_written(tiny_data
     assert os.listdir(images / "a") == []
 
 
+def test_resume_recreates_the_grids_a_kill_lost(finished_run, capsys):
+    """kill -9 just after an epoch's line, before the background writer wrote its grid: the
+    grid was lost for good; a resume makes it again from the checkpoint."""
+    data_dir, out = finished_run
+    grid = os.path.join(out, "rec_epoch_002.png")
+    with Image.open(grid) as image:
+        before = np.asarray(image, np.int64)
+    os.remove(grid)
+    code, err, _ = main(capsys, ae, "--out", out, "--resume", "--epochs", 3)
+    assert code == 0, err
+    with Image.open(grid) as image:
+        assert np.abs(np.asarray(image, np.int64) - before).max() <= 1  # eager, not compiled
+    assert os.path.exists(os.path.join(out, "rec_epoch_003.png"))
+
+
 def test_resume_with_the_other_script_is_one_line(finished_run, capsys):
     data_dir, out = finished_run
     code, err, _ = main(capsys, vae, "--out", out, "--resume")

@@ -86,12 +86,12 @@ def finishing_error(exc, out):
 
 
 class Stop:
-    """SIGINT and SIGTERM during the epochs: the first stops the run once the epoch in progress
-    is saved (Run.epochs looks at self.signal); the second calls stop_now(signum), unless the
-    files of an epoch are being written (self.writing), which it then waits for."""
+    """SIGINT and SIGTERM during the epochs of run: the first stops the run once the epoch in
+    progress is saved (Run.epochs looks at self.signal); the second stops it at once (stop_now),
+    unless the files of an epoch are being written (self.writing), which it then waits for."""
 
-    def __init__(self, prog, stop_now):
-        self.prog, self.stop_now = prog, stop_now
+    def __init__(self, run):
+        self.run = run
         self.signal = None  # the first signal received
         self.writing = False
         self.old_handlers = {}
@@ -108,21 +108,36 @@ class Stop:
             self.signal = signum
             again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
             fresh_line = "\n" * sys.stdout.isatty()  # after the progress bar's
-            print(f"{fresh_line}{self.prog}: stopping after this epoch, once it is saved; {again} "
-                  "again to stop now", file=sys.stderr, flush=True)
+            print(f"{fresh_line}{self.run.prog}: stopping after this epoch, once it is saved; "
+                  f"{again} again to stop now", file=sys.stderr, flush=True)
         elif not self.writing:  # while writing, the epoch is as good as saved: stop after it
             self.stop_now(signum)
 
-    def exit_after(self, done, resume_command):
-        """Exit, on the first signal, once epoch done is saved (0: none was), saying how to
-        continue (resume_command())."""
-        name = signal.Signals(self.signal).name
+    def stop_now(self, signum):
+        """Exit at once, from a signal handler: the epoch in progress runs on another thread,
+        which only exiting the process stops. The main thread writes nothing now (see
+        on_signal); the background writer finishes the last epoch's files first."""
+        run = self.run
+        run.files.settle()
+        done = int(run.epoch) or run.resumed_epoch
+        saved = (f"the checkpoint of epoch {done} is kept; continue with: "
+                 f"{run.resume_command()}" if done
+                 else "no epoch had finished, so there is nothing to resume")
+        print(f"{run.prog}: stopped by {signal.Signals(signum).name} during epoch {done + 1}, "
+              f"which is lost; {saved}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(128 + signum)
+
+    def exit_after(self):
+        """Exit, on the first signal, once the epoch in progress is saved, saying how to
+        continue."""
+        name, done = signal.Signals(self.signal).name, int(self.run.epoch)
         if done:
-            print(f"{self.prog}: stopped by {name} after epoch {done}, checkpoint saved; continue "
-                  f"with: {resume_command()}", file=sys.stderr, flush=True)
+            print(f"{self.run.prog}: stopped by {name} after epoch {done}, checkpoint saved; "
+                  f"continue with: {self.run.resume_command()}", file=sys.stderr, flush=True)
         else:
-            print(f"{self.prog}: stopped by {name} before the first epoch ended; nothing to resume",
-                  file=sys.stderr, flush=True)
+            print(f"{self.run.prog}: stopped by {name} before the first epoch ended; nothing to "
+                  "resume", file=sys.stderr, flush=True)
         sys.exit(128 + self.signal)
 
 
@@ -155,7 +170,7 @@ class Run:
         self.report = EpochReport(config.epochs)
         self.finishing = False  # once the epochs are done, for the end-of-run figures
         self.manifest = Manifest(self.out, self.flags, self.data)  # run.json
-        self.stop = Stop(self.prog, self.stop_now)
+        self.stop = Stop(self)
         self.epoch_thread = concurrent.futures.ThreadPoolExecutor(1)  # the epochs (see call)
         self.lock = lock_folder(self.out)
         try:
@@ -204,20 +219,6 @@ class Run:
                             f"last checkpoint is {self.checkpoints.latest}), and this finishes "
                             f"them: {self.resume_command()}", exit_code=error[1]) from None
 
-    def stop_now(self, signum):
-        """Exit at once, from a signal handler: the epoch in progress runs on another thread,
-        which only exiting the process stops. The main thread writes nothing now (see
-        Stop.on_signal); the background writer finishes the last epoch's files first."""
-        self.files.settle()
-        done = int(self.epoch) or self.resumed_epoch
-        saved = (f"the checkpoint of epoch {done} is kept; continue with: "
-                 f"{self.resume_command()}" if done
-                 else "no epoch had finished, so there is nothing to resume")
-        print(f"{self.prog}: stopped by {signal.Signals(signum).name} during epoch {done + 1}, "
-              f"which is lost; {saved}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(128 + signum)
-
     def resume_command(self):
         """The command that continues this run from its newest checkpoint (tool.resume)."""
         return resume_command(self.script, self.out, self.flags, self.checkpointed_flags)
@@ -257,6 +258,19 @@ class Run:
             print(f"resuming the run in {self.out} after epoch {done}", flush=True)
         return int(self.epoch) + 1
 
+    def recreate_grids(self, make):
+        """On resume: the grids of the newest checkpoint's epoch, from make() ({name: 100
+        images}), where they are missing (a kill -9 before the background writer wrote them)."""
+        epoch = int(self.epoch)
+        if not (self.resume_from and epoch and (epoch % self.config.grid_every == 0
+                                                or epoch == self.checkpointed_flags["epochs"])):
+            return
+        for name, images in make().items():
+            file = f"{name}_epoch_{epoch:03d}.png"
+            if not os.path.exists(os.path.join(self.out, file)):
+                with self.writing_files():
+                    utils.save_images(images, self.path(file))
+
     def rebuild_files(self):
         """On resume: run.json and history.csv as the checkpoint has them."""
         with self.writing_files():
@@ -289,7 +303,7 @@ class Run:
 
     def interrupted(self):
         self.flush()
-        self.stop.exit_after(int(self.epoch), self.resume_command)
+        self.stop.exit_after()
 
     @contextlib.contextmanager
     def writing_files(self):
