@@ -180,3 +180,15 @@ def test_without_labels_the_figure_is_left_out_and_the_output_says_so(capsys):
     assert "no labels" in capsys.readouterr().out
     assert tool.quality.sample_quality(labelled_data(), "vae.py", lambda n: pytest.fail("generated"), 0) is None
 
+
+
+def test_training_the_classifier_shows_how_far_it_is(tmp_path, monkeypatch, capsys):
+    """A newcomer's first run waited minutes after one line with no progress shown."""
+    import tool.progress
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.setattr(tool.quality, "Progress",
+                        lambda total, what: tool.progress.Progress(total, what, every=0.0))
+    tool.quality.SampleQuality(labelled_data(), "vae.py")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "% done" in line]
+    assert lines and all(line.startswith("training the classifier: ") and line.endswith(" s left")
+                         for line in lines)

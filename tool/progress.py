@@ -11,20 +11,31 @@ from PIL import Image
 from utils import write_atomically
 
 
-def progress(items, total, what, every=10.0):
-    """Yield items, showing how far a long computation is: a Keras progress bar on a terminal,
+class Progress:
+    """How far a long computation of total steps is: a Keras progress bar on a terminal,
     otherwise a line every `every` seconds with the share done and the time left."""
-    bar = keras.utils.Progbar(total) if sys.stdout.isatty() else None
-    start = last = time.perf_counter()
+
+    def __init__(self, total, what, every=10.0):
+        self.total, self.what, self.every = total, what, every
+        self.bar = keras.utils.Progbar(total) if sys.stdout.isatty() else None
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done):
+        now = time.perf_counter()
+        if self.bar:
+            self.bar.update(done)
+        elif now - self.last >= self.every and done < self.total:
+            left = (now - self.start) / done * (self.total - done)
+            print(f"{self.what}: {done / self.total:.0%} done, about {left:.0f} s left", flush=True)
+            self.last = now
+
+
+def progress(items, total, what, every=10.0):
+    """Yield items, showing how far they are (see Progress)."""
+    shown = Progress(total, what, every)
     for done, item in enumerate(items, 1):
         yield item
-        now = time.perf_counter()
-        if bar:
-            bar.update(done)
-        elif now - last >= every and done < total:
-            left = (now - start) / done * (total - done)
-            print(f"{what}: {done / total:.0%} done, about {left:.0f} s left", flush=True)
-            last = now
+        shown.update(done)
 
 
 PROGRESS_FRAMES = 100

@@ -14,6 +14,7 @@ import tensorflow as tf
 from keras import layers
 
 from tool.files import write_json
+from tool.progress import Progress
 from utils import to_float, write_atomically
 
 
@@ -104,7 +105,9 @@ class SampleQuality:
                       metrics=["accuracy"])
         train = (tf.data.Dataset.from_tensor_slices((data.x_train, data.y_train))
                  .shuffle(len(data.x_train), seed=0).batch(128).map(lambda x, y: (scaled(x), y)))
-        model.fit(train, epochs=CLASSIFIER_EPOCHS, shuffle=False, verbose=0)  # shuffled above
+        steps = -(-len(data.x_train) // 128)
+        model.fit(train, epochs=CLASSIFIER_EPOCHS, shuffle=False, verbose=0,  # shuffled above
+                  callbacks=[FitProgress(steps, CLASSIFIER_EPOCHS, "training the classifier")])
         test = tf.data.Dataset.from_tensor_slices((data.x_test, data.y_test)).batch(1000).map(
             lambda x, y: (scaled(x), y))
         return {"classifier": CLASSIFIER, "test_accuracy": float(model.evaluate(test, verbose=0)[1])}
@@ -126,6 +129,21 @@ class SampleQuality:
         return {"samples": frechet_distance(*self.statistics(samples), *self.test),
                 "test_vs_train": self.facts["test_vs_train"],
                 "classifier_test_accuracy": self.facts["test_accuracy"]}
+
+
+class FitProgress(keras.callbacks.Callback):
+    """How far model.fit is over its epochs of steps batches (tool.progress.Progress)."""
+
+    def __init__(self, steps, epochs, what):
+        super().__init__()
+        self.steps, self.epoch = steps, 0
+        self.shown = Progress(steps * epochs, what)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.shown.update(self.epoch * self.steps + batch + 1)
 
 
 def file_digest(path):
