@@ -485,6 +485,27 @@ def test_overwrite_keeps_the_users_files_in_a_run_folder(finished_run, capsys):
         assert "rec_epoch_001.png" in json.load(f)["files"]
 
 
+def test_an_edited_file_list_never_reaches_outside_the_run(finished_run, capsys):
+    """run.json's list names a file outside the folder, the folder itself and a folder in it:
+    --overwrite deletes none of them."""
+    data_dir, out = finished_run
+    outside = os.path.join(os.path.dirname(out), "outside.txt")
+    with open(outside, "w") as f:
+        f.write("mine")
+    os.makedirs(os.path.join(out, "notes"))
+    with open(os.path.join(out, "notes", "a.txt"), "w") as f:
+        f.write("mine")
+    with open(os.path.join(out, "run.json")) as f:
+        run = json.load(f)
+    run["files"] += ["../outside.txt", outside, ".", "", "notes"]
+    with open(os.path.join(out, "run.json"), "w") as f:
+        json.dump(run, f)
+    code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, *TINY, "--epochs", 1,
+                        "--overwrite")
+    assert code == 0, err
+    assert os.path.exists(outside) and os.path.exists(os.path.join(out, "notes", "a.txt"))
+
+
 def test_overwrite_on_a_full_disk_keeps_the_old_run_whole(finished_run, monkeypatch, capsys):
     """The new run's first checkpoint cannot be written: the old run is still all there, and the
     message says so, with no "Last good checkpoint: none"."""

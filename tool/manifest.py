@@ -63,12 +63,20 @@ def files_of_run(out, own=()):
         return []
     run = read_run_json(out)
     if run is not None and isinstance(run.get("files"), list):
-        listed = [os.path.join(out, name) for name in run["files"]]
+        listed = [os.path.join(out, name) for name in run["files"] if inside(name)]
     else:
         folder = glob.escape(out)
         listed = [p for pattern in BEFORE_THE_LIST + tuple(own)
                   for p in glob.glob(os.path.join(folder, pattern))]
-    return sorted(p for p in set(listed) | set(checkpoint_files(out)) if os.path.lexists(p))
+    return sorted(p for p in set(listed) | set(checkpoint_files(out))
+                  if os.path.lexists(p) and not os.path.isdir(p))  # files only, never a folder
+
+
+def inside(name):
+    """Whether a name run.json lists is a file in the run folder (a damaged or edited list
+    never reaches outside it)."""
+    return (isinstance(name, str) and not os.path.isabs(name)
+            and os.path.normpath(name).split(os.sep)[0] not in ("..", "."))
 
 
 def written_over(out, own=()):

@@ -1,6 +1,5 @@
 """Whether a run folder may be continued or started in, and the command that continues a run."""
 
-import json
 import os
 import shlex
 import shutil
@@ -8,7 +7,7 @@ import sys
 
 from tool.checkpoints import DamagedCheckpoint, checkpoint_prefixes, read_checkpoint
 from tool.errors import UserError
-from tool.manifest import files_of_run, written_over
+from tool.manifest import files_of_run, read_run_json, written_over
 
 # Flags of both scripts that may differ when a run is resumed: where things are, how long to go
 # on, and what to measure at the end (each script adds its own: Script.resumable_flags). Any
@@ -98,11 +97,8 @@ def old_run_files(script, out, flags, overwrite):
 def same_script(out, flags):
     """Whether the run.json in out, if readable, holds the flags of the script whose flags are
     flags (each script has flags of its own)."""
-    try:
-        with open(os.path.join(out, "run.json")) as f:
-            return set(json.load(f)["flags"]) == set(flags)
-    except (OSError, ValueError, KeyError, TypeError):
-        return True  # nothing says otherwise
+    run = read_run_json(out)
+    return run is None or set(run["flags"]) == set(flags)  # no run.json: nothing says otherwise
 
 
 def resume_command(script, out, flags, checkpointed_flags):
