@@ -80,7 +80,7 @@ def finishing_error(exc, out):
     if isinstance(exc, KeyboardInterrupt):
         stop = exc if isinstance(exc, Stopped) else Stopped()
         return f"stopped by {stop.name}", 128 + stop.signum
-    if isinstance(exc, OSError) and exc.errno in DISK_ERRORS or isinstance(exc, tf.errors.OpError):
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRORS:  # codes.npz, a figure, ...
         return f"cannot write into {out} ({error_reason(exc)})", 2
     return None
 
