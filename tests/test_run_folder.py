@@ -96,6 +96,7 @@ def test_a_failed_start_leaves_no_run_behind(tiny_data, tmp_path, monkeypatch, c
                         lambda model, x_in, x: {k: v * np.nan for k, v in real(model, x_in, x).items()})
     code, err, _ = main(capsys, ae, "--data-dir", data_dir, "--out", out, *TINY)
     assert code == 3 and "no epoch finished" in err[-1]
+    assert not os.path.exists(out)  # the folder it made, its .lock and checkpoints/ went with it
     # no epoch finished, so the folder holds no run: the corrected command is not refused
     config = ae.make_parser().parse_args(["--data-dir", data_dir, "--out", out, *TINY])
     with tool.run.Run(config, ae.SCRIPT, tool.sources.load_data(config)):

@@ -212,7 +212,12 @@ class Run:
         finally:
             self.epoch_thread.shutdown()
             self.files.close()
-            self.lock.close()
+            if exc_type is not None and not self.history:  # failed before any epoch was saved
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(self.out, "checkpoints"))  # where empty
+                unlock_refused(self.lock)  # and the lock and folders it created: nothing is left
+            else:
+                self.lock.close()
         error = self.finishing and finishing_error(exc, self.out)
         if error:
             raise UserError(f"{error[0]} during the end-of-run figures; every epoch is saved (the "
