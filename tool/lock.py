@@ -51,10 +51,15 @@ def lock_folder(folder):
     return f
 
 
-def unlock_refused(f):
+def unlock_refused(f, *empty):
     """Unlock a folder whose run was refused, removing what lock_folder created there (the lock
-    file while still locked, then the folders it made, where empty): a refused command leaves
-    nothing behind."""
+    file while still locked, then the folders it made, where empty) and the folders empty names,
+    where empty: a refused command leaves nothing behind."""
+    for path in empty:
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass  # not empty, or not there
     for path in reversed(f.created):
         try:
             os.rmdir(path) if os.path.isdir(path) else os.remove(path)

@@ -195,8 +195,9 @@ class Run:
         self.resumed_data = saved.get("data")
         self.checkpointed_flags = saved["flags"]
         self.resumed_epoch = self.history[-1]["epoch"] if self.history else 0
+        checkpoints = os.path.join(self.out, "checkpoints")
         self.manifest.add(*(os.path.relpath(p, self.out) for p in files_of_run(self.out, self.script.files)
-                            if os.path.dirname(p) != os.path.join(self.out, "checkpoints")))
+                            if os.path.dirname(p) != checkpoints))
 
     def __enter__(self):
         self.stop.install()
@@ -212,10 +213,8 @@ class Run:
         finally:
             self.epoch_thread.shutdown()
             self.files.close()
-            if exc_type is not None and not self.history:  # failed before any epoch was saved
-                with contextlib.suppress(OSError):
-                    os.rmdir(os.path.join(self.out, "checkpoints"))  # where empty
-                unlock_refused(self.lock)  # and the lock and folders it created: nothing is left
+            if exc_type is not None and not self.history:  # failed before any epoch was saved:
+                unlock_refused(self.lock, os.path.join(self.out, "checkpoints"))  # nothing is left
             else:
                 self.lock.close()
         error = self.finishing and finishing_error(exc, self.out)
@@ -224,14 +223,12 @@ class Run:
                             f"last checkpoint is {self.checkpoints.latest}), and this finishes "
                             f"them: {self.resume_command()}", exit_code=error[1]) from None
 
-    def resume_command(self):
-        """The command that continues this run from its newest checkpoint (tool.resume)."""
+    def resume_command(self):  # the command that continues this run from its newest checkpoint
         return resume_command(self.script, self.out, self.flags, self.checkpointed_flags)
 
     def call(self, fn, *args):
-        """(fn(*args), seconds it took), run on a worker thread, so that the main thread can
-        answer a signal at once: Python runs signal handlers only on the main thread and only
-        between bytecodes, and a compiled epoch is one call that can last minutes."""
+        """(fn(*args), seconds it took), on a worker thread: Python runs signal handlers only on
+        the main thread between bytecodes, and a compiled epoch is one call of minutes."""
         start = time.perf_counter()
         result = self.epoch_thread.submit(fn, *args).result()
         return result, time.perf_counter() - start
@@ -369,8 +366,7 @@ class Run:
         self.report(row, figures)
 
     def flush(self):
-        """Wait for the background writer to finish the last epoch's files; a failed write
-        stops the run here, in one line (see writing_files)."""
+        """Wait for the background writer's last epoch's files (a failed write: writing_files)."""
         with self.writing_files():  # a second signal meanwhile waits for it
             self.files.wait()
 
