@@ -22,23 +22,23 @@ import tensorflow as tf
 from keras import layers
 
 import utils
-from tool import cli, codes, files, quality, sources
+from tool import anomaly, cli, codes, files, quality, sources
 from tool.run import Run, Script
 
-# What ae.py tells its runs: the flags of its own that --resume may change, the files of its own
-SCRIPT = Script("ae.py", resumable_flags=("eval_noise", "export_codes", "compare_pca"),
-                files=("codes.npz", "pca_vs_ae.json", "pca_vs_ae.png"))
 EVAL_NOISE_SEED = (2015, 0)  # the same test noise for every run, so runs compare
 
 
 # --- The model ----------------------------------------------------------------------------------
 
+@keras.saving.register_keras_serializable(package="ae")
 class AE(keras.Model):
     """pixels -> 256 -> 128 -> h_dim -> 128 -> 256 -> pixels, ReLU between, the decoder giving
-    logits; pixels is height x width x channels (784 for Fashion-MNIST)."""
+    logits; pixels is height x width x channels (784 for Fashion-MNIST). Registered with Keras,
+    so that keras.models.load_model("ae.keras") builds it again once ae is imported."""
 
-    def __init__(self, h_dim=20, pixels=784):
-        super().__init__()
+    def __init__(self, h_dim=20, pixels=784, **kwargs):
+        super().__init__(**kwargs)
+        self.h_dim, self.pixels = h_dim, pixels
         self.encoder = keras.Sequential([
             layers.Dense(256, activation="relu"),
             layers.Dense(128, activation="relu"),
@@ -52,6 +52,30 @@ class AE(keras.Model):
 
     def call(self, x):
         return self.decoder(self.encoder(x))
+
+    def get_config(self):  # what load_model passes to __init__
+        return {**super().get_config(), "h_dim": self.h_dim, "pixels": self.pixels}
+
+    # What a user does with the trained model (tool.export offers it as a SavedModel too), on
+    # images as rows x of pixels in [0, 1]
+
+    code_size = property(lambda self: self.h_dim)
+
+    def codes(self, x):
+        return {"code": self.encoder(x)}
+
+    def decode(self, z):
+        """The logits of the images the codes z decode to."""
+        return self.decoder(z)
+
+    def reconstruct(self, x):
+        """The logits of the reconstructions of x."""
+        return self(x)
+
+    def score(self, x):
+        """The anomaly score of each image (row of x): how far its reconstruction is from it
+        (utils.excess_bce, nats), higher for images unlike the training data."""
+        return utils.excess_bce(x, self(x))
 
 
 # --- The loss and the step ---------------------------------------------------------------------
@@ -253,7 +277,7 @@ def train(config):
             if config.adversarial:
                 figures += f"  disc {row['train_disc']:.3f}  gen {row['train_gen']:.3f}"
             run.end_epoch(row, grids_of(test), figures)
-        run.save_final(model, "ae.weights.h5", "sample" if config.adversarial else "rec")
+        run.save_final(model, "sample" if config.adversarial else "rec", sample=config.adversarial)
         evaluate_run(config, model, data, x_test, run, started)
         return run.history
 
@@ -301,7 +325,12 @@ def compare_with_pca(config, model, data, path):
                 "mse": float(np.mean((pca_rec - x_test_f) ** 2))},
         "ae": {k: float(v) for k, v in compute_loss(model, x_test_f, x_test_f).items()},
     }
-    if y_train is not None:
+    if data.x_held_out is not None:  # PCA's squared error as the anomaly score
+        def pca_error(x):
+            return np.sum((np.clip((x - mean) @ components.T @ components + mean, 0, 1) - x) ** 2, 1)
+        figures["pca"].update(anomaly.held_out_figures(in_chunks(pca_error, data.x_test),
+                                                       in_chunks(pca_error, data.x_held_out)))
+    if y_train is not None and len(np.unique(y_train)) > 1:
         figures["pca"]["knn_accuracy"] = codes.knn_accuracy(pca_train, y_train, pca_test, y_test, k=5)
         figures["ae"]["knn_accuracy"] = codes.knn_accuracy(ae_train, y_train, ae_test, y_test, k=5)
     files.write_json(path("pca_vs_ae.json"), figures)
@@ -329,6 +358,7 @@ def evaluate_run(config, model, data, x_test, run, started):
                           test_bce_from_noisy=float(test_bce_from_noisy),
                           identity_bce_noisy=float(input_bce(x_noisy, x_test)),
                           **codes.code_statistics(encode(model, data.x_test)))
+    summary.update(anomaly.detection_figures(model.score, data, config.threshold_quantile))
     if config.export_codes:
         export_codes(model, data, run.path("codes.npz"))
     if config.compare_pca:
@@ -377,7 +407,18 @@ def make_parser():
     return parser
 
 
+def build_model(flags, pixels):
+    """The autoencoder of a run with these flags, built for rows of pixels values."""
+    model = AE(flags["h_dim"], pixels)
+    model(tf.zeros([1, pixels]))
+    return model
 
+
+# What ae.py tells its runs: the flags of its own that --resume may change, the files of its
+# own, its model for --apply and whether that samples
+SCRIPT = Script("ae.py", resumable_flags=("eval_noise", "export_codes", "compare_pca"),
+                files=("codes.npz", "pca_vs_ae.json", "pca_vs_ae.png"), build_model=build_model,
+                generates=lambda flags: flags["adversarial"])
 main = cli.script_main(SCRIPT, train, make_parser)  # main(argv=None): the flags, then train
 
 if __name__ == "__main__":

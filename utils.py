@@ -127,6 +127,16 @@ def as_tensors(x_train, x_test):
             tf.constant(x_test.reshape(len(x_test), -1), tf.float32) / 255.0)
 
 
+def excess_bce(x, logits):
+    """Per image (row of x): the binary cross-entropy of pixels x in [0, 1] against the logits,
+    summed over pixels, less what x's own gray pixels cost at best (their entropy): the KL
+    divergence of Bernoulli(sigmoid(logits)) from Bernoulli(x), 0 for a perfect reconstruction
+    however gray the image is. In nats per image."""
+    entropy = -(tf.math.xlogy(x, x) + tf.math.xlogy(1.0 - x, 1.0 - x))
+    return tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=x, logits=logits) - entropy,
+                         axis=-1)
+
+
 def history_row(epoch, seconds, **splits):
     """An epoch's row of history.csv: its number, its seconds, then each split's losses as
     SPLIT_NAME (train_bce, test_bce, ...), in the order given."""

@@ -22,24 +22,24 @@ import tensorflow as tf
 from keras import layers
 
 import utils
-from tool import cli, quality, sources
+from tool import anomaly, cli, quality, sources
 from tool.progress import progress
 from tool.run import Run, Script
 
-# What vae.py tells its runs: the flags of its own that --resume may change, the files of its own
-SCRIPT = Script("vae.py", resumable_flags=("iw_samples",), files=("interpolation.png",))
 LOSSES = ("rec", "kl", "loss")  # history.csv's order
 
 
 # --- The model ----------------------------------------------------------------------------------
 
+@keras.saving.register_keras_serializable(package="vae")
 class VAE(keras.Model):
     """Encoder pixels -> 128 -> (mu, log_var) of size z_dim; decoder z_dim -> 128 -> pixels
-    logits; pixels is height x width x channels (784 for Fashion-MNIST)."""
+    logits; pixels is height x width x channels (784 for Fashion-MNIST). Registered with Keras,
+    so that keras.models.load_model("vae.keras") builds it again once vae is imported."""
 
-    def __init__(self, z_dim=10, pixels=784):
-        super().__init__()
-        self.z_dim = z_dim
+    def __init__(self, z_dim=10, pixels=784, **kwargs):
+        super().__init__(**kwargs)
+        self.z_dim, self.pixels = z_dim, pixels
         self.fc1 = layers.Dense(128, activation="relu")
         self.fc2 = layers.Dense(z_dim)  # mu
         self.fc3 = layers.Dense(z_dim)  # log_var
@@ -67,6 +67,34 @@ class VAE(keras.Model):
     def call(self, x, eps):
         mu, log_var = self.encode(x)
         return self.decode(self.reparameterize(mu, log_var, eps)), mu, log_var
+
+    def get_config(self):  # what load_model passes to __init__
+        return {**super().get_config(), "z_dim": self.z_dim, "pixels": self.pixels}
+
+    def build(self, input_shape):
+        """Create the weights for rows of input_shape[-1] pixels (what load_model calls)."""
+        self.decode(self.encode(tf.zeros([1, input_shape[-1]]))[0])
+
+    # What a user does with the trained model (tool.export offers it as a SavedModel too), on
+    # images as rows x of pixels in [0, 1]
+
+    code_size = property(lambda self: self.z_dim)
+
+    def codes(self, x):
+        """The mean and log-variance of q(z | x)."""
+        mu, log_var = self.encode(x)
+        return {"mean": mu, "log_var": log_var}
+
+    def reconstruct(self, x):
+        """The logits of the reconstructions of x, decoded from the means of their codes."""
+        return self.decode(self.encode(x)[0])
+
+    def score(self, x):
+        """The anomaly score of each image (row of x): its negative ELBO with z at the code's
+        mean, less the image's own entropy (utils.excess_bce plus the KL term, nats), higher
+        for images unlike the training data."""
+        mu, log_var = self.encode(x)
+        return utils.excess_bce(x, self.decode(mu)) + kl_divergence(mu, log_var)
 
 
 # --- The loss and the step ----------------------------------------------------------------------
@@ -170,7 +198,7 @@ def train(config):
                           f"{row['test_loss']:.2f} = rec {row['test_rec']:.2f} + kl "
                           f"{row['test_kl']:.2f} (nats/image; {row['test_bits_per_dim']:.4f} "
                           "bits/dim)")
-        run.save_final(model, "vae.weights.h5", "sample")
+        run.save_final(model, "sample", sample=True)
         evaluate_run(config, model, data, x_test, run, started)
         return run.history
 
@@ -245,6 +273,7 @@ def evaluate_run(config, model, data, x_test, run, started):
     for name in ("test_neg_elbo", "test_nll_iw"):
         if summary[name] is not None:
             summary[name + "_bits_per_dim"] = bits_per_dim(summary[name], data.pixels)
+    summary.update(anomaly.detection_figures(model.score, data, config.threshold_quantile))
     print(f"test negative log-likelihood, importance-weighted with {config.iw_samples} "
           f"samples: {summary['test_nll_iw']:.2f} nats/image, "
           f"{summary['test_nll_iw_bits_per_dim']:.4f} bits/dim (negative ELBO "
@@ -268,7 +297,17 @@ def make_parser():
     return parser
 
 
+def build_model(flags, pixels):
+    """The VAE of a run with these flags, built for rows of pixels values."""
+    model = VAE(flags["z_dim"], pixels)
+    model.build([None, pixels])
+    return model
 
+
+# What vae.py tells its runs: the flags of its own that --resume may change, the files of its
+# own, its model for --apply and whether that samples
+SCRIPT = Script("vae.py", resumable_flags=("iw_samples",), files=("interpolation.png",),
+                build_model=build_model, generates=lambda flags: True)
 main = cli.script_main(SCRIPT, train, make_parser)  # main(argv=None): the flags, then train
 
 if __name__ == "__main__":

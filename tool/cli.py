@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 
+from tool.apply import add_flags as add_apply_flags, apply_run
 from tool.errors import DISK_ERRORS, Stopped, UserError, raise_stopped
 from tool.lock import check_unlocked
 from tool.resume import resume_point
@@ -76,6 +77,22 @@ def parse_bytes(text):
     return int(value)
 
 
+def class_list(text):
+    """An argparse type: class names or numbers, separated by commas."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"must be class names or numbers separated by commas, "
+                                         f"like 0 or 0,2, got {text!r}")
+    return names
+
+
+def quantile(text):
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, like 0.99, got {text}")
+    return value
+
+
 def test_fraction(text):
     value = float(text)
     if not 0 < value < 1:
@@ -116,6 +133,10 @@ def make_parser(description, epochs, out):
     parser.add_argument("--test-split", type=test_fraction, default=0.1, metavar="F",
                         help="share of a folder's images that form the test set, chosen by a hash "
                         "of each file's path (without train/ and test/ folders)")
+    parser.add_argument("--classes", type=class_list, default=None, metavar="LIST",
+                        help="train and test on these classes of labelled data only (numbers or "
+                        "names, like 0 or 0,2); the other classes' test images are scored as "
+                        "anomalies at the end (summary.json's anomaly_auroc)")
     parser.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
                         help="stop at an unreadable image file instead of skipping it")
     parser.add_argument("--max-memory", type=parse_bytes, default=None, metavar="BYTES",
@@ -128,6 +149,9 @@ def make_parser(description, epochs, out):
                         "to the test set (0: leave it out)")
     parser.add_argument("--grid-every", type=positive(int), default=1, metavar="N",
                         help="write the epoch's grids every N epochs (and after the last)")
+    parser.add_argument("--threshold-quantile", type=quantile, default=0.99, metavar="Q",
+                        help="the anomaly threshold in summary.json: the score exceeded by a "
+                        "share 1 - Q of the test images")
     parser.add_argument("--logdir", default=None, metavar="DIR",
                         help="also write TensorBoard summaries (losses, grids) to DIR")
     start = parser.add_mutually_exclusive_group()
@@ -136,6 +160,7 @@ def make_parser(description, epochs, out):
     start.add_argument("--overwrite", action="store_true",
                        help="replace the run already in --out (its files are deleted once the "
                        "new run's first epoch is done)")
+    add_apply_flags(parser)
     return parser
 
 
@@ -187,7 +212,10 @@ def run_main(script, train, parser, argv=None):
             stream.reconfigure(errors="backslashreplace")
     signal.signal(signal.SIGTERM, raise_stopped)  # what runs unwinds, as for Ctrl-C
     try:
-        return train(parse_config(parser, script, argv))
+        config = parse_config(parser, script, argv)
+        if config.apply is not None:
+            return apply_run(config, script, parser)
+        return train(config)
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

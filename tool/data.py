@@ -36,6 +36,26 @@ class Data:
         self.class_names = class_names if y_train is not None else None
         self.shape = x_train.shape[1:]  # (height, width, channels)
         self.pixels = int(np.prod(self.shape))
+        self.x_held_out = None  # with --classes, the test images of the other classes
+
+    def select_classes(self, classes):
+        """These data with only the classes named in the list classes (class names or numbers)
+        in both splits; the test images of the others become x_held_out, the anomalies."""
+        if self.y_train is None:
+            raise DataError(f"--classes needs labelled data; {self.source} has "
+                            f"{self.no_labels or 'no labels'}")
+        chosen = sorted({class_number(name, self.class_names) for name in classes})
+        train, test = (np.isin(y, chosen) for y in (self.y_train, self.y_test))
+        names = ", ".join(self.class_names[c] for c in chosen)
+        where = f"{self.source}, classes {names}"
+        check_counts(where, int(train.sum()), int(test.sum()), "; choose more classes with --classes")
+        if test.all():
+            raise DataError(f"--classes {','.join(classes)}: every test image is of those classes, "
+                            "so none is left to score as an anomaly; leave out a class")
+        selected = Data(where, self.x_train[train], self.y_train[train], self.x_test[test],
+                        self.y_test[test], self.class_names, self.notes, self.no_labels)
+        selected.x_held_out = self.x_test[~test]
+        return selected
 
     @functools.cache
     def description(self):
@@ -64,6 +84,17 @@ class Data:
             classes = f"{len(self.class_names)} classes ({names})"
         return (f"data: {self.source}: {len(self.x_train):,} training and {len(self.x_test):,} "
                 f"test images of {h}x{w}, {c} channel{'s' * (c > 1)}, {classes}")
+
+
+def class_number(name, class_names):
+    """The number of the class a --classes item names: its number, or its name."""
+    if name in class_names:
+        return class_names.index(name)
+    if name.isdigit() and int(name) < len(class_names):
+        return int(name)
+    raise DataError(f"--classes: the data have no class {name!r}; their classes are "
+                    + ", ".join(f"{i} ({n})" for i, n in enumerate(class_names[:20]))
+                    + ", ..." * (len(class_names) > 20))
 
 
 def memory_limit(config):

@@ -2,6 +2,7 @@
 anything is written, the clean-up after an interrupted write, and the words for a failed one."""
 
 import csv
+import errno
 import glob
 import io
 import json
@@ -9,11 +10,12 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 
 import tensorflow as tf
 
 from tool.errors import UserError
-from utils import TMP_PREFIX, write_atomically
+from utils import TMP_PREFIX, UMASK, write_atomically
 
 
 def check_folder(folder, flag):
@@ -97,3 +99,26 @@ def rebuild_history(prog, path, history):
         print(f"{prog}: history.csv was missing or damaged; rebuilt from the "
               f"checkpoint (epochs 1-{history[-1]['epoch']})", file=sys.stderr, flush=True)
     write_history(path, history)
+
+
+def write_folder_atomically(path, write, replace=True):
+    """Call write(tmp_folder), then put the folder in place of path: a folder already at path is
+    replaced (only with replace, else FileExistsError) once the new one is whole: moved aside,
+    the new one renamed in, then deleted."""
+    parent, name = os.path.split(path)
+    tmp = tempfile.mkdtemp(dir=parent or ".", prefix=TMP_PREFIX, suffix="-" + name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~UMASK)  # as os.mkdir would have made it, not mkdtemp's 0700
+        old = None
+        if os.path.lexists(path) and not replace:
+            raise FileExistsError(errno.EEXIST, "it exists", path)
+        if os.path.lexists(path):
+            old = tempfile.mkdtemp(dir=parent or ".", prefix=TMP_PREFIX, suffix="-old-" + name)
+            os.replace(path, old)  # an empty folder's place
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old:
+        shutil.rmtree(old)

@@ -181,6 +181,34 @@ def read_image_folder(root, config, limit):
                 skipped_notes(skipped, len(files)) + large_notes(decoded), no_labels)
 
 
+def read_all_images(root, size, channels, config, limit):
+    """(paths relative to root, uint8 images (n, *size, channels), notes) of every image file
+    under root (what --apply reads: no split, no labels), brought to size and channels; the
+    notes say what was skipped and how many were resized or converted."""
+    files, unreadable_folders, links = list_files(root)
+    skipped = {"unreadable": [], "unreadable folder": unreadable_folders, "not an image": [],
+               "link to a folder read once": links}
+    skipped["not an image"] = [f for f in files if not f.lower().endswith(IMAGE_TYPES)]
+    images = [(f, "train", None) for f in files if f.lower().endswith(IMAGE_TYPES)]
+    if not images:
+        raise DataError(f"{root}: no image files ({', '.join(t[1:] for t in IMAGE_TYPES)}) in the "
+                        f"folder or below it ({len(files)} other files)")
+    readable = probe_images(root, images, skipped, config)
+    check_memory(root, len(readable), (*size, channels), config, limit)
+    x, decoded, _ = decode_images(root, readable, size, channels, skipped, config)
+    if not len(decoded):
+        raise DataError(f"{root}: none of its {len(images)} image files could be decoded "
+                        f"({skipped['unreadable'][0]})")
+    resized = sum((h, w) != tuple(size) for _, (h, w, _) in decoded)
+    converted = sum(gray != (channels == 1) for _, (_, _, gray) in decoded)
+    changed = [f"{n:,} resized to {size[0]}x{size[1]}" for n in [resized] if n] + [
+        f"{n:,} converted to {'gray' if channels == 1 else 'RGB'}" for n in [converted] if n]
+    notes = [f"{root}: of {len(decoded):,} images, {' and '.join(changed)}, as the run was "
+             "trained"] if changed else []
+    return ([f for (f, _, _), _ in decoded], x[False],
+            notes + skipped_notes(skipped, len(files)) + large_notes(decoded))
+
+
 def has_split_folders(root, files):
     """Whether the folder's own train/ and test/ folders are its splits (one without the other
     is refused)."""

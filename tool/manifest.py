@@ -10,6 +10,7 @@ import re
 from tool.checkpoints import DamagedCheckpoint, checkpoint_prefixes, read_checkpoint
 from tool.files import write_json
 
+SAVED_MODEL = "saved_model"  # the one folder a run writes beside checkpoints/ (tool.export)
 # The names of a checkpoint's files (ckpt-EPOCH.index, its data shards) and of the state file
 CHECKPOINT_FILE = re.compile(r"ckpt-\d+\.(index|data-\d+-of-\d+)|checkpoint")
 # What a run of either script wrote before run.json listed its files (each script adds its own,
@@ -58,7 +59,8 @@ def holds_a_run(out):
 def files_of_run(out, own=()):
     """The files of the run in out, sorted: those its run.json lists (for a run written before
     the list, the names BEFORE_THE_LIST and own match), and its checkpoints; [] where out holds
-    no run of these scripts."""
+    no run of these scripts. The only folder it gives is the SavedModel's (saved_model, listed
+    by name)."""
     if not holds_a_run(out):
         return []
     run = read_run_json(out)
@@ -68,8 +70,9 @@ def files_of_run(out, own=()):
         folder = glob.escape(out)
         listed = [p for pattern in BEFORE_THE_LIST + tuple(own)
                   for p in glob.glob(os.path.join(folder, pattern))]
-    return sorted(p for p in set(listed) | set(checkpoint_files(out))
-                  if os.path.lexists(p) and not os.path.isdir(p))  # files only, never a folder
+    saved_model = os.path.join(out, SAVED_MODEL)
+    return sorted(p for p in set(listed) | set(checkpoint_files(out)) if os.path.lexists(p)
+                  and (not os.path.isdir(p) or p == saved_model and not os.path.islink(p)))
 
 
 def inside(name):
@@ -83,7 +86,7 @@ def written_over(out, own=()):
     """The files in out, where it holds no run, that a new run would write over: run.json,
     history.csv, summary.json, progress.gif, the script's own files (own: its weights and the
     rest) and files with a checkpoint's names."""
-    names = ["run.json", "history.csv", "summary.json", "progress.gif", *own]
+    names = ["run.json", "history.csv", "summary.json", "progress.gif", *own]  # a folder too
     return sorted([os.path.join(out, n) for n in names if os.path.lexists(os.path.join(out, n))]
                   + checkpoint_files(out))
 

@@ -190,6 +190,10 @@ def sample_quality(data, prog, samples_fn, n):
         print(f"{prog}: the data have no labels, so there is no classifier to measure sample "
               "quality with: sample_fd left out", flush=True)
         return None
+    if len(np.unique(data.y_train)) < 2:
+        print(f"{prog}: the data hold one class, so there is no classifier to measure sample "
+              "quality with: sample_fd left out", flush=True)
+        return None
     start = time.perf_counter()
     quality = SampleQuality(data, prog)
     figures = quality.of(samples_fn(n))

@@ -13,9 +13,9 @@ from tool.manifest import files_of_run, read_run_json, written_over
 # on, and what to measure at the end (each script adds its own: Script.resumable_flags). Any
 # other flag would change the run being continued.
 RESUMABLE_FLAGS = {"epochs", "dataset", "data_dir", "max_memory", "strict", "logdir", "fd_samples",
-                   "grid_every"}
+                   "grid_every", "threshold_quantile"}
 # Flags that say how to start, not what the run is: never saved with it.
-START_FLAGS = {"out", "resume", "overwrite"}
+START_FLAGS = {"out", "resume", "overwrite", "apply", "to", "save_reconstructions", "generate"}
 # The data of runs saved before --dataset existed, whose checkpoints do not say
 BEFORE_DATASET = {"source": "Fashion-MNIST", "shape": [28, 28, 1], "train": 60000, "test": 10000,
                   "sha256": "the data of runs before --dataset"}
@@ -76,7 +76,7 @@ def old_run_files(script, out, flags, overwrite):
     replace it (only the latter for a run of the other script, whose flags differ from flags).
     Files that no run wrote but a run would write over are refused, with or without it."""
     old_run = files_of_run(out, script.files)
-    clash = [] if old_run else written_over(out, script.files + (script.weights,))
+    clash = [] if old_run else written_over(out, script.written)
     if clash:
         names = ", ".join(os.path.relpath(p, out) for p in clash[:3])
         raise UserError(f"{out} holds files that no run of these scripts wrote, which a run would "

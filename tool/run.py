@@ -25,13 +25,13 @@ import os
 import signal
 import sys
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import tensorflow as tf
 
 import utils
 from utils import TMP_PREFIX
-from tool import files
+from tool import export, files
 from tool.checkpoints import Checkpoints, checkpoint_prefixes
 from tool.errors import DISK_ERRORS, Diverged, Stopped, UserError
 from tool.files import check_folder, error_reason, remove, remove_leftovers
@@ -47,15 +47,29 @@ NEW_CHECKPOINTS = TMP_PREFIX + "new-checkpoints"  # a replacing run's first, rem
 
 class Script(NamedTuple):
     """What a script tells its runs: its name, the flags of its own that --resume may change,
-    and the files of its own that a run writes (glob patterns in --out)."""
+    the files of its own that a run writes (glob patterns in --out), and for --apply, its model
+    built for a run's flags and images of pixels values (build_model(flags, pixels)) and
+    whether that run's model samples from a prior (generates(flags))."""
     prog: str
     resumable_flags: tuple = ()
     files: tuple = ()
+    build_model: Callable = None
+    generates: Callable = None
 
     @property
     def weights(self):
         """The file of the final weights: ae.weights.h5 for ae.py."""
         return os.path.splitext(self.prog)[0] + ".weights.h5"
+
+    @property
+    def keras(self):
+        """The model's .keras file: ae.keras for ae.py."""
+        return os.path.splitext(self.prog)[0] + ".keras"
+
+    @property
+    def written(self):
+        """The files of its own a run writes over in a folder that holds no run."""
+        return self.files + (self.weights, self.keras, export.SAVED_MODEL)
 
 
 def check_start(config, data):
@@ -370,12 +384,16 @@ class Run:
         with self.writing_files():  # a second signal meanwhile waits for it
             self.files.wait()
 
-    def save_final(self, model, name, grid):
-        """The end of the epochs: the final weights as name (loadable with
-        model.load_weights(path) into a built model), and progress.gif of the grids named grid."""
-        weights, gif = self.path(name), self.path("progress.gif")
+    def save_final(self, model, grid, sample=False):
+        """The end of the epochs: the final weights (ae.weights.h5 for ae.py, loadable with
+        model.load_weights(path) into a built model), the model as ae.keras and saved_model/
+        (tool.export; with sample, the SavedModel samples from the prior), and progress.gif of
+        the grids named grid."""
+        weights, keras_file = self.path(self.script.weights), self.path(self.script.keras)
+        saved_model, gif = self.path(export.SAVED_MODEL), self.path("progress.gif")
         with self.writing_files():
             utils.write_atomically(weights, model.save_weights)
+            export.save_models(model, self.data["shape"], keras_file, saved_model, sample)
             save_progress(self.out, sorted(self.manifest.names), grid, gif)
 
     def summary(self, **figures):

@@ -49,11 +49,18 @@ HOW_TO_GET_MNIST = (
 
 
 def load_data(config):
-    """The data --dataset names, converted as --image-size and --channels say.
+    """The data --dataset names, converted as --image-size and --channels say, with --classes
+    only the classes it names.
 
     Returns a Data; raises DataError with a one-line message (nothing decoded beyond
     --max-memory). Files skipped from a folder are listed in Data.notes.
     """
+    data = load_dataset(config)
+    return data.select_classes(config.classes) if getattr(config, "classes", None) else data
+
+
+def load_dataset(config):
+    """The data --dataset names, converted as --image-size and --channels say."""
     dataset = config.dataset
     if config.data_dir and dataset not in ("fashion-mnist", "mnist"):
         raise DataError(f"--data-dir is for --dataset fashion-mnist or mnist; --dataset {dataset} "
