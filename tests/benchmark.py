@@ -3,6 +3,7 @@
 Usage: python tests/benchmark.py [--epochs 12] [--loop-epochs 4] [--repeats 2] [--data-dir DIR]
        python tests/benchmark.py --overhead [--epochs N] [--repeats 1] [--data-dir DIR]
        python tests/benchmark.py --folder [--epochs 12] [--repeats 2] [--data-dir DIR] [--export DIR]
+       python tests/benchmark.py --one-class [--ae-epochs 100] [--vae-epochs 100] [--export DIR]
 
 Measures, in one run on this machine (not collected by pytest):
   1. float32 matmul rates: a 4096^3 tf.matmul, and the models' own products (each Dense layer's
@@ -45,6 +46,9 @@ files in class folders (train/ and test/), loaded by --dataset FOLDER (time and 
 second; the target is at most 15 s on a 2-core machine), checked to hold the same pixels and
 labels as the IDX files, and `python ae.py` trained on the folder against the IDX files (the
 seconds per epoch, and the peak memory, which may exceed the IDX run's by the decoded data).
+
+With --one-class, it measures anomaly detection instead: the one-class table of Fashion-MNIST
+for the scripts, PCA and scikit-learn's detectors (see tests/one_class.py).
 """
 
 import argparse
@@ -70,6 +74,7 @@ import vae  # noqa: E402
 import tool.data  # noqa: E402
 import tool.quality  # noqa: E402
 import tool.sources  # noqa: E402
+import one_class  # noqa: E402  (tests/one_class.py)
 
 BATCH = 512
 WIDTHS = {"ae.py": [784, 256, 128, 20, 128, 256, 784],  # the Dense layers, input to output
@@ -334,8 +339,13 @@ def main():
                         help="measure loading a folder of PNG files and training on it instead")
     parser.add_argument("--export", default=None, metavar="DIR",
                         help="with --folder: write the PNG files into DIR (a new folder) and keep "
-                        "them (default: a temporary folder)")
+                        "them (default: a temporary folder); with --one-class: write "
+                        "one_class.json there")
+    one_class.add_flags(parser)
     args = parser.parse_args()
+    if args.one_class:
+        args.machine = f"CPU: {cpu_model()}, {os.cpu_count()} cores"
+        return one_class.one_class_benchmark(args)
     args.epochs_given = "--epochs" in sys.argv[1:] or any(a.startswith("--epochs=") for a in sys.argv[1:])
     if args.folder:
         return folder_benchmark(args)
