@@ -45,7 +45,7 @@ def candidate_scores(script, out, x_train, x_test):
     import keras
     import tensorflow as tf
     import ae  # noqa: F401  (registers the models with Keras)
-    import vae  # noqa: F401
+    import vae
     import utils
     model = keras.models.load_model(os.path.join(out, script[:-3] + ".keras"))
     x = tf.constant(x_test, tf.float32)
@@ -61,8 +61,7 @@ def candidate_scores(script, out, x_train, x_test):
     centred = first - train.mean(0)
     scores["code distance (Mahalanobis)"] = np.einsum("ij,jk,ik->i", centred, precision, centred)
     if "log_var" in codes:
-        import vae as vae_module
-        kl = vae_module.kl_divergence(codes["mean"], codes["log_var"])
+        kl = vae.kl_divergence(codes["mean"], codes["log_var"])
         scores["negative ELBO"] = bce + kl
         scores["KL term"] = kl
     scores["the script's score"] = model.score(x)

@@ -17,7 +17,6 @@ import utils
 import vae
 from conftest import main, make_config, make_images
 from tool import anomaly, sources
-from tool.errors import DataError
 from tool.lock import lock_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -286,6 +285,8 @@ def test_apply_mistakes_are_one_line_and_write_nothing(template_run, tmp_path, c
              "leave it out")]:
         code, err, _ = main(capsys, ae, *args)
         assert code == 2 and len(err) == 1 and message in err[0], (args, err)
+    code, err, _ = main(capsys, vae, "--out", out, "--apply", tmp_path / "one.png", "--to", tmp_path / "r")
+    assert code == 2 and len(err) == 1 and "other script" in err[0], err
     assert sorted(os.listdir(out)) == before and not os.path.exists(tmp_path / "r")
     code, err, _ = main(capsys, ae, "--out", out, "--apply", tmp_path / "one.png", "--to", tmp_path / "r")
     assert code == 0, err

@@ -87,7 +87,7 @@ def apply_run(config, script, parser):
     training = in_use(out)
     print(f"applying the run in {out} ({script.prog}, epoch {epoch}"
           f"{', still training: its newest checkpoint' if training else ''}) to {len(images):,} "
-          f"images of {images_path}", flush=True)
+          f"image{'s' * (len(images) != 1)} of {images_path}", flush=True)
     for note in notes:
         print(note, flush=True)
     threshold = run_threshold(out, epoch)
@@ -258,4 +258,4 @@ def report(to, names, scores, threshold):
     above = ("the run has no threshold yet (it is set when training ends)" if threshold is None
              else f"{int((scores > threshold).sum()):,} above the run's threshold {threshold:.2f}")
     print(f"scores: {above}; the most unusual is {names[i]} ({scores[i]:.2f}). Written to {to}: "
-          "scores.csv, codes.npz, most_unusual.png", flush=True)
+          "scores.csv (most unusual first), codes.npz, most_unusual.png", flush=True)
