@@ -52,41 +52,64 @@ def python(code, cwd):
 
 # --- the files that load anywhere ---------------------------------------------------------------
 
-def test_the_keras_file_loads_in_a_fresh_process_with_the_trained_outputs(template_run, tiny_data,
-                                                                           tmp_path):
-    out = template_run[0]
+@pytest.fixture(scope="module")
+def loaded_elsewhere(template_run, vae_run, tiny_data, tmp_path_factory):
+    """What one fresh Python made of the two runs' files: first from each SavedModel, before
+    anything of the project is importable or imported, then from each .keras file after
+    importing the scripts. ({run: {name: array}}, what it printed)."""
+    folder = tmp_path_factory.mktemp("elsewhere")
+    np.save(folder / "images.npy", images_of(tiny_data))
+    runs = {"ae": template_run[0], "vae": vae_run}
+    printed = python(
+        "import sys, numpy as np, tensorflow as tf\n"
+        f"runs = {runs!r}\n"
+        "x = np.load('images.npy')\n"
+        "for name, out in runs.items():\n"
+        "    m = tf.saved_model.load(out + '/saved_model')\n"
+        "    codes = m.encode(x)\n"
+        "    arrays = dict(rec=m.reconstruct(x)['images'], score=m.score(x)['score'],\n"
+        "                  decoded=m.decode(codes[sorted(codes)[0]])['images'], **codes)\n"
+        "    if hasattr(m, 'sample'):\n"
+        "        arrays['sample'] = m.sample(tf.constant(7), tf.constant(5, tf.int64))['images']\n"
+        "    np.savez(name + '-saved.npz', **arrays)\n"
+        "    print(name, list(m.signatures))\n"
+        "print('project imported:', any(k in sys.modules for k in ('ae', 'vae', 'utils', 'tool')))\n"
+        "try:\n"
+        "    import ae\n"
+        "    print('project importable')\n"
+        "except ImportError:\n"
+        f"    sys.path.insert(0, {ROOT!r})\n"
+        "import ae, vae, keras\n"
+        "f = x.reshape(len(x), -1).astype('float32') / 255\n"
+        "for name, out in runs.items():\n"
+        "    m = keras.models.load_model(f'{out}/{name}.keras')\n"
+        "    np.savez(name + '-keras.npz', rec=m.reconstruct(f), score=m.score(f), **m.codes(f))\n",
+        folder)
+    return {f"{name}-{kind}": dict(np.load(folder / f"{name}-{kind}.npz"))
+            for name in runs for kind in ("saved", "keras")}, printed
+
+
+@pytest.mark.parametrize("script", ["ae", "vae"])
+def test_the_keras_file_loads_in_a_fresh_process_with_the_trained_outputs(
+        script, loaded_elsewhere, template_run, vae_run, tiny_data):
+    module, out = (ae, template_run[0]) if script == "ae" else (vae, vae_run)
+    got, model = loaded_elsewhere[0][script + "-keras"], trained(module, out)
     x = utils.to_float(images_of(tiny_data))
-    np.save(tmp_path / "x.npy", x)
-    python(f"import sys; sys.path.insert(0, {ROOT!r}); import ae, keras, numpy as np\n"
-           f"m = keras.models.load_model({os.path.join(out, 'ae.keras')!r})\n"
-           "x = np.load('x.npy')\n"
-           "np.savez('got.npz', out=m(x), code=m.codes(x)['code'], score=m.score(x))", tmp_path)
-    got, model = np.load(tmp_path / "got.npz"), trained(ae, out)
-    np.testing.assert_allclose(got["out"], model(x), atol=1e-5)
-    np.testing.assert_allclose(got["code"], model.encoder(x), atol=1e-5)
+    np.testing.assert_allclose(got["rec"], model.reconstruct(x), atol=1e-5)
+    for name, value in model.codes(x).items():
+        np.testing.assert_allclose(got[name], value, atol=1e-5)
     np.testing.assert_allclose(got["score"], model.score(x), rtol=1e-5)
 
 
 @pytest.mark.parametrize("script", ["ae", "vae"])
-def test_the_saved_model_serves_uint8_images_without_the_project(script, template_run, vae_run,
-                                                                  tiny_data, tmp_path):
-    out, module = (template_run[0], ae) if script == "ae" else (vae_run, vae)
+def test_the_saved_model_serves_uint8_images_without_the_project(script, loaded_elsewhere,
+                                                                  template_run, vae_run, tiny_data):
+    module, out = (ae, template_run[0]) if script == "ae" else (vae, vae_run)
+    arrays, printed = loaded_elsewhere
+    assert f"{script} ['encode', " in printed and "serving_default" in printed  # encode first
+    assert "project imported: False" in printed and "project importable" not in printed
+    got, model = arrays[script + "-saved"], trained(module, out)
     images = images_of(tiny_data)
-    np.save(tmp_path / "images.npy", images)
-    printed = python(
-        "import sys, numpy as np, tensorflow as tf\n"
-        f"m = tf.saved_model.load({os.path.join(out, 'saved_model')!r})\n"
-        "x = np.load('images.npy')\n"
-        "codes = m.encode(x)\n"
-        "first = sorted(codes)[0]\n"
-        "arrays = dict(rec=m.reconstruct(x)['images'], score=m.score(x)['score'],\n"
-        "              decoded=m.decode(codes[first])['images'], **codes)\n"
-        "if hasattr(m, 'sample'): arrays['sample'] = m.sample(tf.constant(7), tf.constant(5, tf.int64))['images']\n"
-        "np.savez('got.npz', **arrays)\n"
-        "print(list(m.signatures), 'ae' in sys.modules or 'utils' in sys.modules)", tmp_path)
-    assert printed.split("[")[1].startswith("'encode'") and printed.strip().endswith("False")
-    assert "serving_default" in printed
-    got, model = np.load(tmp_path / "got.npz"), trained(module, out)
     x = utils.to_float(images)
     codes = {k: v.numpy() for k, v in model.codes(x).items()}
     for name, value in codes.items():
