@@ -22,7 +22,7 @@ import tensorflow as tf
 from keras import layers
 
 import utils
-from tool import anomaly, cli, codes, files, quality, sources
+from tool import anomaly, cli, codes, quality, sources
 from tool.run import Run, Script
 
 EVAL_NOISE_SEED = (2015, 0)  # the same test noise for every run, so runs compare
@@ -292,59 +292,9 @@ def input_bce(x_in, x, chunk=1000):
                                          for i in range(0, x.shape[0], chunk)])))
 
 
-def in_chunks(fn, images, chunk=10000):
-    """fn (returning a NumPy array) of uint8 images (n, h, w, c) as floats (n, pixels) in
-    [0, 1], converted and computed chunk by chunk (no float copy of a whole training set); the
-    rows joined."""
-    return np.concatenate([fn(utils.to_float(images[i:i + chunk])) for i in range(0, len(images), chunk)])
-
-
 def encode(model, images):
     """Codes of uint8 images (n, h, w, c); a NumPy array (n, h_dim)."""
-    return in_chunks(lambda x: model.encoder(x).numpy(), images)
-
-
-def compare_with_pca(config, model, data, path):
-    """PCA with --h-dim components against the autoencoder on the test set: reconstruction BCE
-    and MSE, and, where the data have labels, 5-nearest-neighbour accuracy on the codes. Writes
-    pca_vs_ae.json and .png, at path(name)."""
-    y_train, y_test = data.y_train, data.y_test
-    # the PCA of the pixels as stored (0-255, no float copy of the training set): the same
-    # directions as that of the pixels / 255, and 255 times the mean
-    mean, components = codes.fit_pca(data.x_train.reshape(len(data.x_train), -1), config.h_dim)
-    mean = mean / 255.0
-    pca_train, pca_test = (in_chunks(lambda x: (x - mean) @ components.T, images)
-                           for images in (data.x_train, data.x_test))
-    x_test_f = utils.to_float(data.x_test)
-    # PCA's reconstructions are not probabilities: clipped to [0, 1], and BCE taken as Keras
-    # takes it on probabilities (clipped to [1e-7, 1 - 1e-7])
-    pca_rec = np.clip(pca_test @ components + mean, 0.0, 1.0).astype(np.float32)
-    ae_train, ae_test = encode(model, data.x_train), encode(model, data.x_test)
-    figures = {
-        "pca": {"bce": float(np.mean(keras.losses.binary_crossentropy(x_test_f, pca_rec))),
-                "mse": float(np.mean((pca_rec - x_test_f) ** 2))},
-        "ae": {k: float(v) for k, v in compute_loss(model, x_test_f, x_test_f).items()},
-    }
-    if data.x_held_out is not None:  # PCA's squared error as the anomaly score
-        def pca_error(x):
-            return np.sum((np.clip((x - mean) @ components.T @ components + mean, 0, 1) - x) ** 2, 1)
-        figures["pca"].update(anomaly.held_out_figures(in_chunks(pca_error, data.x_test),
-                                                       in_chunks(pca_error, data.x_held_out)))
-    if y_train is not None and len(np.unique(y_train)) > 1:
-        figures["pca"]["knn_accuracy"] = codes.knn_accuracy(pca_train, y_train, pca_test, y_test, k=5)
-        figures["ae"]["knn_accuracy"] = codes.knn_accuracy(ae_train, y_train, ae_test, y_test, k=5)
-    files.write_json(path("pca_vs_ae.json"), figures)
-    note = "" if config.h_dim == 2 else f" (first 2 principal directions of {config.h_dim}-D codes)"
-    codes.save_scatter_plots([(f"PCA{note}", codes.first_two_directions(pca_test)),
-                              (f"autoencoder{note}", codes.first_two_directions(ae_test))],
-                             y_test, data.class_names, path("pca_vs_ae.png"))
-    for name in ("pca", "ae"):
-        f = figures[name]
-        accuracy = (f"  5-NN accuracy {f['knn_accuracy']:.4f}" if "knn_accuracy" in f
-                    else "  (no labels, so no 5-NN accuracy)")
-        print(f"{name:>3} with {config.h_dim} dimensions: test bce {f['bce']:.4f}  mse "
-              f"{f['mse']:.4f}{accuracy}", flush=True)
-    return figures
+    return utils.in_chunks(lambda x: model.encoder(x).numpy(), images)
 
 
 def evaluate_run(config, model, data, x_test, run, started):
@@ -362,7 +312,10 @@ def evaluate_run(config, model, data, x_test, run, started):
     if config.export_codes:
         export_codes(model, data, run.path("codes.npz"))
     if config.compare_pca:
-        summary["pca_vs_ae"] = compare_with_pca(config, model, data, run.path)
+        x_test_f = utils.to_float(data.x_test)
+        ae_figures = {k: float(v) for k, v in compute_loss(model, x_test_f, x_test_f).items()}
+        summary["pca_vs_ae"] = codes.compare_with_pca(lambda x: model.encoder(x).numpy(),
+                                                      ae_figures, data, config.h_dim, run.path)
     print(f"test bce from noisy inputs (sigma {config.eval_noise}): "
           f"{summary['test_bce_from_noisy']:.4f} (the noisy input itself: "
           f"{summary['identity_bce_noisy']:.4f});  codes: mean |mean| "

@@ -120,6 +120,13 @@ def compile_epoch(train_step, names, rng, batch_size, after=None):
         lambda t: t.numpy() if isinstance(t, tf.Tensor) else t, compiled(x_train))
 
 
+def in_chunks(fn, images, chunk=10000):
+    """fn (returning a NumPy array) of uint8 images (n, h, w, c) as floats (n, pixels) in
+    [0, 1], converted and computed chunk by chunk (no float copy of a whole training set); the
+    rows joined."""
+    return np.concatenate([fn(to_float(images[i:i + chunk])) for i in range(0, len(images), chunk)])
+
+
 def as_tensors(x_train, x_test):
     """uint8 images (n, h, w, c) as the compiled epoch takes them: the training set as uint8
     rows (n, pixels), scaled per batch in the step, and the test set as float rows in [0, 1]."""

@@ -13,8 +13,7 @@ DEFAULT_QUANTILE = 0.99  # the threshold: the score exceeded by 1% of the run's 
 def scores_of(score, images, chunk=2000):
     """score (float rows in [0, 1] -> a tensor of one score per row) of uint8 images
     (n, h, w, c), chunk by chunk; a float64 NumPy array (n,)."""
-    return np.concatenate([np.asarray(score(utils.to_float(images[i:i + chunk])), np.float64)
-                           for i in range(0, len(images), chunk)] or [np.zeros(0)])
+    return utils.in_chunks(lambda x: np.asarray(score(x), np.float64), images, chunk)
 
 
 def threshold(scores, quantile):

@@ -3,11 +3,16 @@ are, and scatter plots of them."""
 
 import math
 
+import keras
 import numpy as np
 from PIL import Image
 
+import utils
+
+from tool.anomaly import held_out_figures
 from tool.data import limit_text, memory_limit, run_bytes, size_text
 from tool.errors import UserError
+from tool.files import write_json
 from utils import write_atomically
 
 
@@ -166,3 +171,48 @@ def save_scatter_plots(panels, labels, class_names, path, size=400):
             draw.text((x0 + 16, top + 10 + 18 * shown), f"... {len(class_names)} in all",
                       fill="black", font=font)
     write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def compare_with_pca(encode, ae_figures, data, h_dim, path):
+    """ae.py --compare-pca: PCA with h_dim components against the autoencoder (its encode(x) of
+    float rows, a NumPy array, and its test figures ae_figures) on the test set: reconstruction
+    BCE and MSE, with --classes how well PCA's squared error tells the held-out classes, and,
+    where the data have labels, 5-nearest-neighbour accuracy on the codes. Writes pca_vs_ae.json
+    and .png, at path(name)."""
+    y_train, y_test = data.y_train, data.y_test
+    # the PCA of the pixels as stored (0-255, no float copy of the training set): the same
+    # directions as that of the pixels / 255, and 255 times the mean
+    mean, components = fit_pca(data.x_train.reshape(len(data.x_train), -1), h_dim)
+    mean = mean / 255.0
+    pca_train, pca_test = (utils.in_chunks(lambda x: (x - mean) @ components.T, images)
+                           for images in (data.x_train, data.x_test))
+    x_test_f = utils.to_float(data.x_test)
+    # PCA's reconstructions are not probabilities: clipped to [0, 1], and BCE taken as Keras
+    # takes it on probabilities (clipped to [1e-7, 1 - 1e-7])
+    pca_rec = np.clip(pca_test @ components + mean, 0.0, 1.0).astype(np.float32)
+    ae_train, ae_test = utils.in_chunks(encode, data.x_train), utils.in_chunks(encode, data.x_test)
+    figures = {
+        "pca": {"bce": float(np.mean(keras.losses.binary_crossentropy(x_test_f, pca_rec))),
+                "mse": float(np.mean((pca_rec - x_test_f) ** 2))},
+        "ae": dict(ae_figures),
+    }
+    if data.x_held_out is not None:  # PCA's squared error as the anomaly score
+        def pca_error(x):
+            return np.sum((np.clip((x - mean) @ components.T @ components + mean, 0, 1) - x) ** 2, 1)
+        figures["pca"].update(held_out_figures(utils.in_chunks(pca_error, data.x_test),
+                                                       utils.in_chunks(pca_error, data.x_held_out)))
+    if y_train is not None and len(np.unique(y_train)) > 1:
+        figures["pca"]["knn_accuracy"] = knn_accuracy(pca_train, y_train, pca_test, y_test, k=5)
+        figures["ae"]["knn_accuracy"] = knn_accuracy(ae_train, y_train, ae_test, y_test, k=5)
+    write_json(path("pca_vs_ae.json"), figures)
+    note = "" if h_dim == 2 else f" (first 2 principal directions of {h_dim}-D codes)"
+    save_scatter_plots([(f"PCA{note}", first_two_directions(pca_test)),
+                              (f"autoencoder{note}", first_two_directions(ae_test))],
+                             y_test, data.class_names, path("pca_vs_ae.png"))
+    for name in ("pca", "ae"):
+        f = figures[name]
+        accuracy = (f"  5-NN accuracy {f['knn_accuracy']:.4f}" if "knn_accuracy" in f
+                    else "  (no labels, so no 5-NN accuracy)")
+        print(f"{name:>3} with {h_dim} dimensions: test bce {f['bce']:.4f}  mse "
+              f"{f['mse']:.4f}{accuracy}", flush=True)
+    return figures

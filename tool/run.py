@@ -160,8 +160,7 @@ class Run:
 
     Use it as a context manager (it owns the lock and the signal handlers), as train() in
     ae.py and vae.py does: run.restore(...), then for each epoch of run.epochs(first),
-    run.call(train_epoch, x_train) and run.end_epoch(row, grids, figures); run.save_final(...).
-    """
+    run.call(train_epoch, x_train) and run.end_epoch(row, grids, figures); run.save_final(...)."""
 
     def __init__(self, config, script, data):
         check_start(config, data)
@@ -385,20 +384,18 @@ class Run:
             self.files.wait()
 
     def save_final(self, model, grid, sample=False):
-        """The end of the epochs: the final weights (ae.weights.h5 for ae.py, loadable with
-        model.load_weights(path) into a built model), the model as ae.keras and saved_model/
-        (tool.export; with sample, the SavedModel samples from the prior), and progress.gif of
-        the grids named grid."""
-        weights, keras_file = self.path(self.script.weights), self.path(self.script.keras)
-        saved_model, gif = self.path(export.SAVED_MODEL), self.path("progress.gif")
+        """The end of the epochs: the final weights (ae.weights.h5 for ae.py), the model as
+        ae.keras and saved_model/ (tool.export; with sample, it samples from the prior), and
+        progress.gif of the grids named grid."""
+        weights, keras_file, saved_model, gif = (self.path(name) for name in (
+            self.script.weights, self.script.keras, export.SAVED_MODEL, "progress.gif"))
         with self.writing_files():
             utils.write_atomically(weights, model.save_weights)
             export.save_models(model, self.data["shape"], keras_file, saved_model, sample)
             save_progress(self.out, sorted(self.manifest.names), grid, gif)
 
     def summary(self, **figures):
-        """summary.json's head (the flags, the data, the last epoch's row and the training time)
-        followed by figures."""
+        """summary.json: the flags, the data, the last epoch's row, the training time, figures."""
         return {"flags": vars(self.config), "data": self.data,
                 "final": self.history[-1] if self.history else None,
                 "train_seconds": round(sum(float(r["seconds"]) for r in self.history), 1),
