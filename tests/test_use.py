@@ -310,6 +310,11 @@ def test_apply_mistakes_are_one_line_and_write_nothing(template_run, tmp_path, c
         assert code == 2 and len(err) == 1 and message in err[0], (args, err)
     code, err, _ = main(capsys, vae, "--out", out, "--apply", tmp_path / "one.png", "--to", tmp_path / "r")
     assert code == 2 and len(err) == 1 and "other script" in err[0], err
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "run.json").write_text(open(os.path.join(out, "run.json")).read())
+    code, err, _ = main(capsys, ae, "--out", tmp_path / "broken", "--apply", tmp_path / "one.png")
+    assert code == 2 and len(err) == 1 and "no checkpoint" in err[0] and "--resume" not in err[0], err
+    assert sorted(os.listdir(tmp_path / "broken")) == ["run.json"]
     assert sorted(os.listdir(out)) == before and not os.path.exists(tmp_path / "r")
     code, err, _ = main(capsys, ae, "--out", out, "--apply", tmp_path / "one.png", "--to", tmp_path / "r")
     assert code == 0, err

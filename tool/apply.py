@@ -13,6 +13,7 @@ import contextlib
 import csv
 import json
 import os
+import sys
 
 import numpy as np
 import tensorflow as tf
@@ -73,7 +74,13 @@ def apply_run(config, script, parser):
         raise UserError(f"--out {out} holds no run of these scripts to apply; give the folder a "
                         "run was trained in")
     check_destination(to, out, images_path, config.overwrite)
-    prefix, saved, _ = resume_point(out, script.files)
+    try:
+        prefix, saved, skipped = resume_point(out, script.files)
+    except UserError:
+        raise UserError(f"--out {out} holds no checkpoint that reads whole, so no trained model "
+                        "to apply; train one there first, or give another --out") from None
+    for name, reason in skipped:
+        print(f"{script.prog}: skipped checkpoint {name}: {reason}", file=sys.stderr, flush=True)
     flags, shape = saved["flags"], saved["data"]["shape"] if saved.get("data") else [28, 28, 1]
     if set(flags) != set(vars(config)) - START_FLAGS:
         raise UserError(f"--out {out} holds a run of the other script; apply it with that one")
