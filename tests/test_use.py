@@ -301,7 +301,12 @@ def test_apply_mistakes_are_one_line_and_write_nothing(template_run, tmp_path, c
             (["--out", out, "--apply", tmp_path / "one.png", "--to", out], "holds the run"),
             (["--out", out, "--apply", tmp_path / "one.png", "--to", tmp_path], "holds --apply's"),
             (["--out", out, "--apply", tmp_path / "one.png", "--to", os.path.join(out, "checkpoints")],
-             "run's own files"),
+             "inside the run's folder"),
+            (["--out", out, "--apply", tmp_path / "one.png", "--to", os.path.join(out, "codes.npz")],
+             "inside the run's folder"),  # a file the run may write later
+            (["--out", out, "--apply", tmp_path / "one.png", "--to", os.path.join(out, ".tmp-a-b")],
+             "inside the run's folder"),  # what a resume clears away
+            (["--out", out, "--to", tmp_path / "r"], "go with --apply"),
             (["--out", out, "--apply", tmp_path / "one.png", "--generate", "2", "--to", tmp_path / "r"],
              "needs a model with a prior"),
             (["--out", out, "--apply", tmp_path / "one.png", "--epochs", "3", "--to", tmp_path / "r"],
@@ -322,6 +327,20 @@ def test_apply_mistakes_are_one_line_and_write_nothing(template_run, tmp_path, c
     assert code == 2 and "already exists" in err[0] and "--overwrite" in err[0]
 
 
+def test_apply_to_the_current_folder_names_its_results_after_it(template_run, tmp_path, capsys,
+                                                                 monkeypatch):
+    import shutil
+    out = str(tmp_path / "run")
+    shutil.copytree(template_run[0], out)
+    (tmp_path / "shots").mkdir()
+    Image.new("L", (28, 28), 0).save(tmp_path / "shots" / "one.png")
+    monkeypatch.chdir(tmp_path / "shots")
+    for _ in range(2):  # the second replaces the first's results, and only them
+        code, err, _ = main(capsys, ae, "--out", out, "--apply", ".", "--overwrite")
+        assert code == 0, err
+    assert os.listdir(os.path.join(out, "applied")) == ["shots"]
+
+
 def test_apply_on_a_full_disk_leaves_no_half_written_results(template_run, tmp_path, capsys,
                                                               monkeypatch):
     import errno
@@ -336,3 +355,18 @@ def test_apply_on_a_full_disk_leaves_no_half_written_results(template_run, tmp_p
                         "--to", to)
     assert code == 2 and len(err) == 1 and "No space left" in err[0] and "nothing" in err[0], err
     assert not os.path.exists(tmp_path / "a")  # not even the folders made for it
+
+
+def test_ctrl_c_during_apply_is_one_line_and_leaves_nothing(template_run, tmp_path, capsys,
+                                                             monkeypatch):
+    from tool import apply
+    Image.new("L", (28, 28), 0).save(tmp_path / "one.png")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(apply, "write_results", interrupted)  # once the folder is being written
+    code, err, _ = main(capsys, ae, "--out", template_run[0], "--apply", tmp_path / "one.png",
+                        "--to", tmp_path / "a" / "r")
+    assert code == 130 and err == ["ae.py: stopped by SIGINT; --apply wrote nothing"], err
+    assert not os.path.exists(tmp_path / "a")

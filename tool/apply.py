@@ -69,7 +69,8 @@ def apply_run(config, script, parser):
     docstring)."""
     check_flags(config, parser)
     images_path, out = config.apply.rstrip("/") or "/", config.out
-    to = config.to or os.path.join(out, "applied", os.path.basename(images_path) or "images")
+    to = config.to or os.path.join(out, "applied", os.path.basename(os.path.realpath(images_path))
+                                   or "images")
     if read_run_json(out) is None and not files_of_run(out, script.files):
         raise UserError(f"--out {out} holds no run of these scripts to apply; give the folder a "
                         "run was trained in")
@@ -140,10 +141,11 @@ def check_destination(to, out, images_path, overwrite):
             raise UserError(f"--to {to} holds {what}; choose another --to")
     if os.path.commonpath([real_to, images]) == images:
         raise UserError(f"--to {to} is inside --apply's images; choose another --to")
-    if os.path.commonpath([real_to, run]) == run:
-        first = os.path.relpath(real_to, run).split(os.sep)[0]
-        if first in ("checkpoints", "saved_model") or os.path.isfile(os.path.join(run, first)):
-            raise UserError(f"--to {to} is among the run's own files; choose another --to")
+    if os.path.commonpath([real_to, run]) == run:  # inside the run: only under applied/
+        parts = os.path.relpath(real_to, run).split(os.sep)
+        if parts[0] != "applied" or len(parts) < 2 or parts[1].startswith("."):
+            raise UserError(f"--to {to} is inside the run's folder, among the files the run owns; "
+                            f"choose a folder under {os.path.join(out, 'applied')} or outside the run")
     if os.path.exists(to) and not overwrite:
         raise UserError(f"--to {to} already exists; replace it by adding --overwrite, or choose "
                         "another --to")

@@ -169,6 +169,9 @@ def parse_config(parser, script, argv=None):
     the value saved with the run in --out (in its newest checkpoint that reads whole)."""
     config = parser.parse_args(argv)
     check_paths(config)
+    if config.apply is None and (config.to or config.generate or config.save_reconstructions):
+        raise UserError("--to, --generate and --save-reconstructions go with --apply IMAGES; add "
+                        "it, or leave them out")
     if config.resume:
         unset = object()
         given = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(config)}))
@@ -211,9 +214,11 @@ def run_main(script, train, parser, argv=None):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     signal.signal(signal.SIGTERM, raise_stopped)  # what runs unwinds, as for Ctrl-C
+    applying = False
     try:
         config = parse_config(parser, script, argv)
-        if config.apply is not None:
+        applying = config.apply is not None
+        if applying:
             return apply_run(config, script, parser)
         return train(config)
     except UserError as e:
@@ -231,8 +236,9 @@ def run_main(script, train, parser, argv=None):
         sys.exit(2)
     except KeyboardInterrupt as e:  # before the run began (Run answers it from then on)
         stop = e if isinstance(e, Stopped) else Stopped()
-        print(f"{prog}: stopped by {stop.name} before training began, so nothing was written",
-              file=sys.stderr)
+        what = ("; --apply wrote nothing" if applying
+                else " before training began, so nothing was written")
+        print(f"{prog}: stopped by {stop.name}{what}", file=sys.stderr)
         sys.exit(128 + stop.signum)
 
 
