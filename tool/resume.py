@@ -15,7 +15,9 @@ from tool.manifest import files_of_run, read_run_json, written_over
 RESUMABLE_FLAGS = {"epochs", "dataset", "data_dir", "max_memory", "strict", "logdir", "fd_samples",
                    "grid_every", "threshold_quantile"}
 # Flags that say how to start, not what the run is: never saved with it.
-START_FLAGS = {"out", "resume", "overwrite", "apply", "to", "save_reconstructions", "generate"}
+# --apply's own flags (tool.apply): never saved with a run, nor in its summary.json
+APPLY_ONLY = {"apply", "to", "save_reconstructions", "generate"}
+START_FLAGS = {"out", "resume", "overwrite"} | APPLY_ONLY
 # The data of runs saved before --dataset existed, whose checkpoints do not say
 BEFORE_DATASET = {"source": "Fashion-MNIST", "shape": [28, 28, 1], "train": 60000, "test": 10000,
                   "sha256": "the data of runs before --dataset"}

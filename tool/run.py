@@ -38,7 +38,7 @@ from tool.files import check_folder, error_reason, remove, remove_leftovers
 from tool.lock import lock_folder, unlock_refused
 from tool.manifest import Manifest, files_of_run
 from tool.progress import EpochReport, save_progress
-from tool.resume import START_FLAGS, check_same_run, old_run_files, resume_command, resume_point
+from tool.resume import APPLY_ONLY, START_FLAGS, check_same_run, old_run_files, resume_command, resume_point
 from tool.writer import EpochFiles
 
 
@@ -240,8 +240,7 @@ class Run:
         return resume_command(self.script, self.out, self.flags, self.checkpointed_flags)
 
     def call(self, fn, *args):
-        """(fn(*args), seconds it took), on a worker thread: Python runs signal handlers only on
-        the main thread between bytecodes, and a compiled epoch is one call of minutes."""
+        """(fn(*args), its seconds) on a worker thread, so the main one answers signals."""
         start = time.perf_counter()
         result = self.epoch_thread.submit(fn, *args).result()
         return result, time.perf_counter() - start
@@ -396,7 +395,8 @@ class Run:
 
     def summary(self, **figures):
         """summary.json: the flags, the data, the last epoch's row, the training time, figures."""
-        return {"flags": vars(self.config), "data": self.data,
+        flags = {k: v for k, v in vars(self.config).items() if k not in APPLY_ONLY}
+        return {"flags": flags, "data": self.data,
                 "final": self.history[-1] if self.history else None,
                 "train_seconds": round(sum(float(r["seconds"]) for r in self.history), 1),
                 **figures}
