@@ -11,7 +11,6 @@ import keras
 import tensorflow as tf
 
 from tool.files import write_folder_atomically
-from tool.manifest import SAVED_MODEL  # noqa: F401  (the SavedModel's folder; tool.run uses it from here)
 from utils import write_atomically
 
 

@@ -36,7 +36,7 @@ from tool.checkpoints import Checkpoints, checkpoint_prefixes
 from tool.errors import DISK_ERRORS, Diverged, Stopped, UserError
 from tool.files import check_folder, error_reason, remove, remove_leftovers
 from tool.lock import lock_folder, unlock_refused
-from tool.manifest import Manifest, files_of_run
+from tool.manifest import SAVED_MODEL, Manifest, files_of_run
 from tool.progress import EpochReport, save_progress
 from tool.resume import APPLY_ONLY, START_FLAGS, check_same_run, old_run_files, resume_command, resume_point
 from tool.writer import EpochFiles
@@ -69,7 +69,7 @@ class Script(NamedTuple):
     @property
     def written(self):
         """The files of its own a run writes over in a folder that holds no run."""
-        return self.files + (self.weights, self.keras, export.SAVED_MODEL)
+        return self.files + (self.weights, self.keras, SAVED_MODEL)
 
 
 def check_start(config, data):
@@ -387,7 +387,7 @@ class Run:
         ae.keras and saved_model/ (tool.export; with sample, it samples from the prior), and
         progress.gif of the grids named grid."""
         weights, keras_file, saved_model, gif = (self.path(name) for name in (
-            self.script.weights, self.script.keras, export.SAVED_MODEL, "progress.gif"))
+            self.script.weights, self.script.keras, SAVED_MODEL, "progress.gif"))
         with self.writing_files():
             utils.write_atomically(weights, model.save_weights)
             export.save_models(model, self.data["shape"], keras_file, saved_model, sample)
