@@ -33,12 +33,20 @@ EVAL_NOISE_SEED = (2015, 0)  # the same test noise for every run, so runs compar
 @keras.saving.register_keras_serializable(package="ae")
 class AE(keras.Model):
     """pixels -> 256 -> 128 -> h_dim -> 128 -> 256 -> pixels, ReLU between, the decoder giving
-    logits; pixels is height x width x channels (784 for Fashion-MNIST). Registered with Keras,
-    so that keras.models.load_model("ae.keras") builds it again once ae is imported."""
+    logits; pixels is height x width x channels (784 for Fashion-MNIST). With arch "conv", for
+    images of image_shape (h, w, c), the encoder and decoder are convolutional (utils.conv_encoder
+    and conv_decoder) about the same code. Registered with Keras, so that
+    keras.models.load_model("ae.keras") builds it again once ae is imported."""
 
-    def __init__(self, h_dim=20, pixels=784, **kwargs):
+    def __init__(self, h_dim=20, pixels=784, arch="mlp", image_shape=None, **kwargs):
         super().__init__(**kwargs)
-        self.h_dim, self.pixels = h_dim, pixels
+        self.h_dim, self.pixels, self.arch, self.image_shape = h_dim, pixels, arch, image_shape
+        self.rows_per_call = utils.rows_per_call(arch, image_shape)
+        if arch == "conv":
+            hidden, output = utils.conv_decoder(image_shape)
+            self.encoder = keras.Sequential(utils.conv_encoder(image_shape) + [layers.Dense(h_dim)])
+            self.decoder = keras.Sequential(hidden + output)
+            return
         self.encoder = keras.Sequential([
             layers.Dense(256, activation="relu"),
             layers.Dense(128, activation="relu"),
@@ -54,7 +62,8 @@ class AE(keras.Model):
         return self.decoder(self.encoder(x))
 
     def get_config(self):  # what load_model passes to __init__
-        return {**super().get_config(), "h_dim": self.h_dim, "pixels": self.pixels}
+        return {**super().get_config(), "h_dim": self.h_dim, "pixels": self.pixels,
+                "arch": self.arch, "image_shape": self.image_shape}
 
     # What a user does with the trained model (tool.export offers it as a SavedModel too), on
     # images as rows x of pixels in [0, 1]
@@ -223,7 +232,7 @@ def make_models(config, data, x_probe):
     """The autoencoder, with --adversarial its discriminator (else None), built, and their
     optimizers (see make_optimizers)."""
     keras.utils.set_random_seed(config.seed)
-    model = AE(config.h_dim, data.pixels)
+    model = AE(config.h_dim, data.pixels, config.arch, data.shape)
     model(x_probe)  # create the weights
     discriminator = None
     if config.adversarial:
@@ -254,7 +263,9 @@ def train(config):
 
         def evaluate():  # the test figures and the grids' images, in the epoch's compiled call
             decoded = {"sample": tf.sigmoid(model.decoder(z_prior))} if config.adversarial else {}
-            return {"losses": compute_loss(model, x_test_in, x_test),
+            losses = utils.mean_in_chunks(lambda x_in, x: compute_loss(model, x_in, x),
+                                          model.rows_per_call, x_test_in, x_test)
+            return {"losses": losses,
                     "x_hat": tf.sigmoid(model(x_probe_in)), "decoded": decoded}
 
         def grids_of(test):  # the epoch's grids, from what evaluate() gave
@@ -264,7 +275,8 @@ def train(config):
 
         names = [config.loss] + (["disc", "gen"] if config.adversarial else [])
         train_step = make_train_step(config, model, optimizers, rng, discriminator)
-        train_epoch = utils.compile_epoch(train_step, names, rng, config.batch_size, evaluate)
+        train_epoch = utils.compile_epoch(train_step, names, rng, config.batch_size, evaluate,
+                                          xla=utils.use_xla(config.arch))
         players = {"discriminator": discriminator} if discriminator is not None else {}
         # the generator of random numbers is "generator" in every run's checkpoints
         first = run.restore(model=model, generator=rng, **optimizers, **players)
@@ -294,7 +306,7 @@ def input_bce(x_in, x, chunk=1000):
 
 def encode(model, images):
     """Codes of uint8 images (n, h, w, c); a NumPy array (n, h_dim)."""
-    return utils.in_chunks(lambda x: model.encoder(x).numpy(), images)
+    return utils.in_chunks(lambda x: model.encoder(x).numpy(), images, model.rows_per_call)
 
 
 def evaluate_run(config, model, data, x_test, run, started):
@@ -303,7 +315,8 @@ def evaluate_run(config, model, data, x_test, run, started):
     distance; all in summary.json."""
     x_noisy = corrupt(x_test, config.eval_noise,
                       tf.random.stateless_normal(x_test.shape, seed=EVAL_NOISE_SEED))
-    test_bce_from_noisy = tf.function(compute_loss, jit_compile=True)(model, x_noisy, x_test)["bce"]
+    loss = tf.function(lambda x_in, x: compute_loss(model, x_in, x), jit_compile=utils.use_xla(config.arch))
+    test_bce_from_noisy = utils.mean_in_chunks(loss, model.rows_per_call, x_noisy, x_test)["bce"]
     summary = run.summary(eval_noise=config.eval_noise,
                           test_bce_from_noisy=float(test_bce_from_noisy),
                           identity_bce_noisy=float(input_bce(x_noisy, x_test)),
@@ -313,8 +326,10 @@ def evaluate_run(config, model, data, x_test, run, started):
         export_codes(model, data, run.path("codes.npz"))
     if config.compare_pca:
         x_test_f = utils.to_float(data.x_test)
-        ae_figures = {k: float(v) for k, v in compute_loss(model, x_test_f, x_test_f).items()}
-        summary["pca_vs_ae"] = codes.compare_with_pca(lambda x: model.encoder(x).numpy(),
+        ae_figures = utils.mean_in_chunks(lambda x_in, x: compute_loss(model, x_in, x),
+                                          model.rows_per_call, x_test_f, x_test_f)
+        ae_figures = {k: float(v) for k, v in ae_figures.items()}
+        summary["pca_vs_ae"] = codes.compare_with_pca(lambda images: encode(model, images),
                                                       ae_figures, data, config.h_dim, run.path)
     print(f"test bce from noisy inputs (sigma {config.eval_noise}): "
           f"{summary['test_bce_from_noisy']:.4f} (the noisy input itself: "
@@ -324,7 +339,8 @@ def evaluate_run(config, model, data, x_test, run, started):
           f"mean |correlation| {summary['code_abs_correlation']:.3f}", flush=True)
     # what the adversarial autoencoder generates; for a plain one, a contrast
     summary["sample_fd"] = quality.sample_quality(
-        data, SCRIPT.prog, lambda n: utils.decode_prior(model.decoder, n, config.h_dim, [config.seed, 3]),
+        data, SCRIPT.prog, lambda n: utils.decode_prior(model.decoder, n, config.h_dim, [config.seed, 3],
+                                                   model.rows_per_call),
         config.fd_samples)
     run.write_summary(summary, started)
 
@@ -360,9 +376,10 @@ def make_parser():
     return parser
 
 
-def build_model(flags, pixels):
-    """The autoencoder of a run with these flags, built for rows of pixels values."""
-    model = AE(flags["h_dim"], pixels)
+def build_model(flags, shape):
+    """The autoencoder of a run with these flags, built for images of shape (h, w, c)."""
+    pixels = int(np.prod(shape))
+    model = AE(flags["h_dim"], pixels, flags["arch"], shape)
     model(tf.zeros([1, pixels]))
     return model
 

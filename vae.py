@@ -34,17 +34,24 @@ LOSSES = ("rec", "kl", "loss")  # history.csv's order
 @keras.saving.register_keras_serializable(package="vae")
 class VAE(keras.Model):
     """Encoder pixels -> 128 -> (mu, log_var) of size z_dim; decoder z_dim -> 128 -> pixels
-    logits; pixels is height x width x channels (784 for Fashion-MNIST). Registered with Keras,
-    so that keras.models.load_model("vae.keras") builds it again once vae is imported."""
+    logits; pixels is height x width x channels (784 for Fashion-MNIST). With arch "conv", for
+    images of image_shape (h, w, c), the encoder's features and the decoder are convolutional
+    (utils.conv_encoder and conv_decoder), as in TensorFlow's convolutional VAE tutorial.
+    Registered with Keras, so that keras.models.load_model("vae.keras") builds it again once vae
+    is imported."""
 
-    def __init__(self, z_dim=10, pixels=784, **kwargs):
+    def __init__(self, z_dim=10, pixels=784, arch="mlp", image_shape=None, **kwargs):
         super().__init__(**kwargs)
-        self.z_dim, self.pixels = z_dim, pixels
-        self.fc1 = layers.Dense(128, activation="relu")
+        self.z_dim, self.pixels, self.arch, self.image_shape = z_dim, pixels, arch, image_shape
+        self.rows_per_call = utils.rows_per_call(arch, image_shape)
+        conv = arch == "conv"
+        hidden, output = utils.conv_decoder(image_shape) if conv else (None, None)
+        self.fc1 = (keras.Sequential(utils.conv_encoder(image_shape)) if conv
+                    else layers.Dense(128, activation="relu"))
         self.fc2 = layers.Dense(z_dim)  # mu
         self.fc3 = layers.Dense(z_dim)  # log_var
-        self.fc4 = layers.Dense(128, activation="relu")
-        self.fc5 = layers.Dense(pixels)
+        self.fc4 = keras.Sequential(hidden) if conv else layers.Dense(128, activation="relu")
+        self.fc5 = keras.Sequential(output) if conv else layers.Dense(pixels)
 
     def encode(self, x):
         h = self.fc1(x)
@@ -59,17 +66,13 @@ class VAE(keras.Model):
         """Logits of the pixels."""
         return self.fc5(self.fc4(z))
 
-    def decoder_layers(self):
-        """The decoder's two layers, z -> h (ReLU) -> the pixels' logits h W + b. (A method:
-        Keras's saving walks a model's properties, and would save the layers twice.)"""
-        return self.fc4, self.fc5
-
     def call(self, x, eps):
         mu, log_var = self.encode(x)
         return self.decode(self.reparameterize(mu, log_var, eps)), mu, log_var
 
     def get_config(self):  # what load_model passes to __init__
-        return {**super().get_config(), "z_dim": self.z_dim, "pixels": self.pixels}
+        return {**super().get_config(), "z_dim": self.z_dim, "pixels": self.pixels,
+                "arch": self.arch, "image_shape": self.image_shape}
 
     def build(self, input_shape):
         """Create the weights for rows of input_shape[-1] pixels (what load_model calls)."""
@@ -160,7 +163,7 @@ def train(config):
         x_train, x_test = utils.as_tensors(data.x_train, data.x_test)
         x_probe = x_test[:50]  # the same test images in every epoch's grid
         keras.utils.set_random_seed(config.seed)
-        model = VAE(config.z_dim, data.pixels)
+        model = VAE(config.z_dim, data.pixels, config.arch, data.shape)
         rng = tf.random.Generator.from_seed(config.seed)  # shuffling and eps
         # Fixed probes, drawn once and kept in the checkpoints: z for the sample grid, eps for a
         # test ELBO that changes only when the model does.
@@ -175,7 +178,9 @@ def train(config):
             decoded = {"sample": tf.sigmoid(model.decode(z_sample))}
             if z_plane is not None:
                 decoded["manifold"] = tf.sigmoid(model.decode(z_plane))
-            return {"losses": compute_loss(model, x_test, eps_test),
+            losses = utils.mean_in_chunks(lambda x, eps: compute_loss(model, x, eps),
+                                          model.rows_per_call, x_test, eps_test)
+            return {"losses": losses,
                     "x_hat": tf.sigmoid(model(x_probe, eps_test[:50])[0]), "decoded": decoded}
 
         def grids_of(test):  # the epoch's grids, from what evaluate() gave
@@ -183,7 +188,8 @@ def train(config):
             return {"rec": rec, **{k: utils.to_uint8(v, data.shape) for k, v in test["decoded"].items()}}
 
         train_epoch = utils.compile_epoch(make_train_step(config, model, optimizer, rng),
-                                          ["loss", "rec", "kl"], rng, config.batch_size, evaluate)
+                                          ["loss", "rec", "kl"], rng, config.batch_size, evaluate,
+                                          xla=utils.use_xla(config.arch))
         # the generator of random numbers is "generator" in every run's checkpoints
         first = run.restore(model=model, optimizer=optimizer, generator=rng, z_sample=z_sample,
                             eps_test=eps_test)
@@ -217,20 +223,28 @@ def log_mean_exp(a, axis=0):
     return tf.reduce_logsumexp(a, axis) - tf.math.log(tf.cast(tf.shape(a)[axis], a.dtype))
 
 
+def log_px_given_z(model, x, z):
+    """log p(x | z) for images x (n, pixels) and codes z (K, n, z_dim), (K, n): sum_j x_j l_j -
+    softplus(l_j) over the logits l of z's decoding, the binary cross-entropy negated."""
+    flat = tf.reshape(z, [-1, tf.shape(z)[-1]])
+    if model.arch == "conv":
+        logits = tf.reshape(model.decode(flat), [tf.shape(z)[0], tf.shape(x)[0], -1])
+        return tf.reduce_sum(x * logits - tf.nn.softplus(logits), axis=-1)
+    # The MLP's logits are l = h W + b, so the first sum is h . (W x) + b . x: x need not meet
+    # each of the K samples' logits (about a tenth less time)
+    h = model.fc4(flat)
+    softplus = tf.reshape(tf.reduce_sum(tf.nn.softplus(model.fc5(h)), axis=-1), tf.shape(z)[:2])
+    h = tf.reshape(h, [tf.shape(z)[0], tf.shape(x)[0], -1])
+    wx = tf.matmul(x, model.fc5.kernel, transpose_b=True)
+    return tf.reduce_sum(h * wx, axis=-1) + tf.linalg.matvec(x, model.fc5.bias) - softplus
+
+
 def log_importance_weights(model, x, eps):
     """log p(x, z_k) - log q(z_k | x) for z_k = mu + sigma * eps[k]; eps has shape (K, n, z_dim),
     the result (K, n)."""
     mu, log_var = model.encode(x)
     z = model.reparameterize(mu, log_var, eps)
-    hidden, output = model.decoder_layers()
-    h = hidden(tf.reshape(z, [-1, tf.shape(z)[-1]]))
-    # log p(x | z) = sum_j x_j l_j - softplus(l_j) for the logits l = h W + b, the binary cross-
-    # entropy negated; the first sum is h . (W x) + b . x, so x need not meet each of the K
-    # samples' logits (about a tenth less time)
-    softplus = tf.reshape(tf.reduce_sum(tf.nn.softplus(output(h)), axis=-1), tf.shape(eps)[:2])
-    h = tf.reshape(h, [tf.shape(eps)[0], tf.shape(x)[0], -1])
-    wx = tf.matmul(x, output.kernel, transpose_b=True)
-    log_px_z = tf.reduce_sum(h * wx, axis=-1) + tf.linalg.matvec(x, output.bias) - softplus
+    log_px_z = log_px_given_z(model, x, z)
     log_2pi = math.log(2 * math.pi)
     log_pz = -0.5 * tf.reduce_sum(tf.square(z) + log_2pi, axis=-1)
     log_qz = -0.5 * tf.reduce_sum(tf.square(eps) + log_var + log_2pi, axis=-1)
@@ -244,14 +258,15 @@ def iw_nll(model, x, eps):
     return -log_mean_exp(log_importance_weights(model, x, eps), axis=0)
 
 
-def test_nll_iw(model, x_test, samples, seed, drawn_pixels=20000 * 784, decoded=5000):
+def test_nll_iw(model, x_test, samples, seed, drawn_pixels=20000 * 784, decoded=None):
     """Mean importance-weighted negative log-likelihood of the test set. The noise is drawn for
     chunks of images that decode about drawn_pixels pixels each, from a stateless seed per chunk;
     each chunk is computed in parts of about `decoded` decodings (one part per call), which runs
-    about a third faster on a CPU than whole chunks and leaves the noise, so the figure, as it was."""
+    about a third faster on a CPU than whole chunks and leaves the noise, so the figure, as it was
+    (default: 5000, or the model's rows_per_call)."""
     chunk = max(1, drawn_pixels // x_test.shape[1] // samples)
-    part = max(1, decoded // samples)
-    estimate = tf.function(iw_nll, jit_compile=True)
+    part = max(1, (decoded or model.rows_per_call or 5000) // samples)
+    estimate = tf.function(iw_nll, jit_compile=utils.use_xla(model.arch))
     total = 0.0
     starts = range(0, len(x_test), chunk)
     for i, start in progress(enumerate(starts), len(starts), "importance-weighted estimate"):
@@ -279,7 +294,8 @@ def evaluate_run(config, model, data, x_test, run, started):
           f"{summary['test_nll_iw_bits_per_dim']:.4f} bits/dim (negative ELBO "
           f"{summary['test_neg_elbo']:.2f})", flush=True)
     summary["sample_fd"] = quality.sample_quality(  # decoded z ~ N(0, I)
-        data, SCRIPT.prog, lambda n: utils.decode_prior(model.decode, n, config.z_dim, [config.seed, 3]),
+        data, SCRIPT.prog, lambda n: utils.decode_prior(model.decode, n, config.z_dim, [config.seed, 3],
+                                                   model.rows_per_call),
         config.fd_samples)
     run.write_summary(summary, started)
 
@@ -297,9 +313,10 @@ def make_parser():
     return parser
 
 
-def build_model(flags, pixels):
-    """The VAE of a run with these flags, built for rows of pixels values."""
-    model = VAE(flags["z_dim"], pixels)
+def build_model(flags, shape):
+    """The VAE of a run with these flags, built for images of shape (h, w, c)."""
+    pixels = math.prod(shape)
+    model = VAE(flags["z_dim"], pixels, flags["arch"], shape)
     model.build([None, pixels])
     return model
 

@@ -4,6 +4,7 @@ Usage: python tests/benchmark.py [--epochs 12] [--loop-epochs 4] [--repeats 2] [
        python tests/benchmark.py --overhead [--epochs N] [--repeats 1] [--data-dir DIR]
        python tests/benchmark.py --folder [--epochs 12] [--repeats 2] [--data-dir DIR] [--export DIR]
        python tests/benchmark.py --one-class [--ae-epochs 100] [--vae-epochs 100] [--export DIR]
+       python tests/benchmark.py --conv [--conv-epochs 4] [--loop-epochs 4] [--repeats 2]
 
 Measures, in one run on this machine (not collected by pytest):
   1. float32 matmul rates: a 4096^3 tf.matmul, and the models' own products (each Dense layer's
@@ -49,6 +50,8 @@ seconds per epoch, and the peak memory, which may exceed the IDX run's by the de
 
 With --one-class, it measures anomaly detection instead: the one-class table of Fashion-MNIST
 for the scripts, PCA and scikit-learn's detectors (see tests/one_class.py).
+
+With --conv, it measures the epoch of --arch conv against PyTorch and JAX (see tests/conv_bench.py).
 """
 
 import argparse
@@ -74,6 +77,7 @@ import vae  # noqa: E402
 import tool.data  # noqa: E402
 import tool.quality  # noqa: E402
 import tool.sources  # noqa: E402
+import conv_bench  # noqa: E402  (tests/conv_bench.py)
 import one_class  # noqa: E402  (tests/one_class.py)
 
 BATCH = 512
@@ -342,6 +346,7 @@ def main():
                         "them (default: a temporary folder); with --one-class: write "
                         "one_class.json there")
     one_class.add_flags(parser)
+    conv_bench.add_flags(parser)
     args = parser.parse_args()
     if args.one_class:
         args.machine = f"CPU: {cpu_model()}, {os.cpu_count()} cores"
@@ -358,6 +363,8 @@ def main():
     print(f"{device}; TensorFlow {tf.__version__}", flush=True)
     (x_train, _), (x_test, _) = tool.sources.load_fashion_mnist(args.data_dir)
     x_train, x_test = x_train.reshape(-1, 784), x_test.reshape(-1, 784)
+    if args.conv:
+        return conv_bench.conv_benchmark(args, run_script, available, device, x_train, x_test)
     loops = {"eager": lambda s: tf_loop(s, x_train, x_test, args.loop_epochs, compiled=False),
              "per-step": lambda s: tf_loop(s, x_train, x_test, args.loop_epochs, compiled=True)}
     if available("torch"):

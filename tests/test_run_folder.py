@@ -318,8 +318,8 @@ import sys, time
 sys.path.insert(0, {root!r})
 import ae, utils
 compile_epoch = utils.compile_epoch
-def slow(*args):
-    train_epoch, calls = compile_epoch(*args), []
+def slow(*args, **kwargs):
+    train_epoch, calls = compile_epoch(*args, **kwargs), []
     def epoch(x):
         calls.append(1)
         if len(calls) == 2:  # said, so that the test's Ctrl-C surely comes during this epoch

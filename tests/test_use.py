@@ -26,7 +26,7 @@ def trained(script, out):
     """The model of the finished run in out, as trained: its final weights loaded into a model
     built in this process."""
     flags = json.load(open(os.path.join(out, "run.json")))["flags"]
-    model = script.build_model(flags, 784)
+    model = script.build_model(flags, [28, 28, 1])
     model.load_weights(os.path.join(out, script.SCRIPT.weights))
     return model
 

@@ -186,7 +186,7 @@ def read_images(path, shape, config):
 
 def restore_model(script, flags, shape, prefix):
     """The run's model, built for images of shape, with the weights of the checkpoint prefix."""
-    model = script.build_model(flags, int(np.prod(shape)))
+    model = script.build_model(flags, shape)
     status = tf.train.Checkpoint(model=model).restore(prefix)
     status.expect_partial().assert_existing_objects_matched()
     return model

@@ -12,6 +12,7 @@ from tool.errors import DISK_ERRORS, Stopped, UserError, raise_stopped
 from tool.lock import check_unlocked
 from tool.resume import resume_point
 from tool.sources import DEBIAN_DIR
+from utils import CONV_MIN_SIZE
 
 
 def non_negative(text):
@@ -118,6 +119,10 @@ def make_parser(description, epochs, out):
     parser.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
     parser.add_argument("--seed", type=seed, default=22,
                         help="random seed (weights, shuffling, noise), 0 to 2**32 - 1")
+    parser.add_argument("--arch", choices=["mlp", "conv"], default="mlp",
+                        help="the model: the tutorial's MLP, or convolutional (the layers of "
+                        "TensorFlow's convolutional VAE tutorial, for images of at least "
+                        f"{CONV_MIN_SIZE}x{CONV_MIN_SIZE})")
     parser.add_argument("--dataset", default="fashion-mnist", metavar="DATA",
                         help="fashion-mnist, mnist, a folder of images (PNG, JPEG, BMP, GIF, WebP; "
                         "sub-folders are classes; train/ and test/ folders, if there, are the "

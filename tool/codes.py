@@ -174,8 +174,8 @@ def save_scatter_plots(panels, labels, class_names, path, size=400):
 
 
 def compare_with_pca(encode, ae_figures, data, h_dim, path):
-    """ae.py --compare-pca: PCA with h_dim components against the autoencoder (its encode(x) of
-    float rows, a NumPy array, and its test figures ae_figures) on the test set: reconstruction
+    """ae.py --compare-pca: PCA with h_dim components against the autoencoder (its encode(images)
+    of uint8 images, a NumPy array, and its test figures ae_figures) on the test set: reconstruction
     BCE and MSE, with --classes how well PCA's squared error tells the held-out classes, and,
     where the data have labels, 5-nearest-neighbour accuracy on the codes. Writes pca_vs_ae.json
     and .png, at path(name)."""
@@ -190,7 +190,7 @@ def compare_with_pca(encode, ae_figures, data, h_dim, path):
     # PCA's reconstructions are not probabilities: clipped to [0, 1], and BCE taken as Keras
     # takes it on probabilities (clipped to [1e-7, 1 - 1e-7])
     pca_rec = np.clip(pca_test @ components + mean, 0.0, 1.0).astype(np.float32)
-    ae_train, ae_test = utils.in_chunks(encode, data.x_train), utils.in_chunks(encode, data.x_test)
+    ae_train, ae_test = encode(data.x_train), encode(data.x_test)
     figures = {
         "pca": {"bce": float(np.mean(keras.losses.binary_crossentropy(x_test_f, pca_rec))),
                 "mse": float(np.mean((pca_rec - x_test_f) ** 2))},

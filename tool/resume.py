@@ -5,7 +5,7 @@ import shlex
 import shutil
 import sys
 
-from tool.checkpoints import DamagedCheckpoint, checkpoint_prefixes, read_checkpoint
+from tool.checkpoints import LATER_FLAGS, DamagedCheckpoint, checkpoint_prefixes, read_checkpoint
 from tool.errors import UserError
 from tool.manifest import files_of_run, read_run_json, written_over
 
@@ -99,8 +99,8 @@ def old_run_files(script, out, flags, overwrite):
 def same_script(out, flags):
     """Whether the run.json in out, if readable, holds the flags of the script whose flags are
     flags (each script has flags of its own)."""
-    run = read_run_json(out)
-    return run is None or set(run["flags"]) == set(flags)  # no run.json: nothing says otherwise
+    run = read_run_json(out)  # flags added since (LATER_FLAGS) count as there
+    return run is None or set(run["flags"]) | set(LATER_FLAGS) == set(flags) | set(LATER_FLAGS)
 
 
 def resume_command(script, out, flags, checkpointed_flags):

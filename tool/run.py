@@ -48,7 +48,7 @@ NEW_CHECKPOINTS = TMP_PREFIX + "new-checkpoints"  # a replacing run's first, rem
 class Script(NamedTuple):
     """What a script tells its runs: its name, the flags of its own that --resume may change,
     the files of its own that a run writes (glob patterns in --out), and for --apply, its model
-    built for a run's flags and images of pixels values (build_model(flags, pixels)) and
+    built for a run's flags and images of shape (h, w, c) (build_model(flags, shape)) and
     whether that run's model samples from a prior (generates(flags))."""
     prog: str
     resumable_flags: tuple = ()
@@ -73,9 +73,14 @@ class Script(NamedTuple):
 
 
 def check_start(config, data):
-    """The checks before a run locks anything: the batch size against the data, --logdir and
-    --out."""
+    """The checks before a run locks anything: the image size for --arch conv and the batch
+    size against the data, --logdir and --out."""
     n_train = len(data.x_train)
+    if config.arch == "conv" and min(data.shape[:2]) < utils.CONV_MIN_SIZE:
+        h, w, _ = data.shape
+        raise UserError(f"--arch conv needs images of at least {utils.CONV_MIN_SIZE}x"
+                        f"{utils.CONV_MIN_SIZE} pixels (two 3x3 convolutions of stride 2), and "
+                        f"these are {h}x{w}; use --image-size, or --arch mlp")
     if config.batch_size > n_train:
         raise UserError(f"--batch-size {config.batch_size} is more than the {n_train} "
                         f"training images; use at most {n_train}")

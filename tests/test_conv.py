@@ -1,0 +1,211 @@
+"""--arch conv: the convolutional models of both scripts, for any image size and channel count,
+trained, resumed, exported and applied like the MLPs."""
+
+import csv
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import ae
+import utils
+import vae
+from conftest import main, make_config
+from test_runs import check_resume_from_two_epochs_before_the_end, read_history
+
+
+def conv_model(script, shape, code=3):
+    model = script.build_model({"h_dim": code, "z_dim": code, "arch": "conv"}, shape)
+    return model
+
+
+@pytest.mark.parametrize("shape", [(7, 7, 1), (13, 11, 3), (28, 28, 1), (30, 17, 3)])
+@pytest.mark.parametrize("script", [ae, vae])
+def test_conv_models_take_and_give_images_of_any_size_and_channels(script, shape):
+    model = conv_model(script, shape)
+    pixels = int(np.prod(shape))
+    x = tf.random.uniform([5, pixels], seed=1)
+    codes = model.codes(x)
+    assert all(c.shape == (5, 3) for c in codes.values())
+    assert model.reconstruct(x).shape == (5, pixels)
+    assert model.decode(tf.zeros([4, 3])).shape == (4, pixels)
+    assert model.score(x).shape == (5,)
+    # convolutions, not the MLP: a 3x3 filter bank of 32 on the image's channels comes first
+    assert any(w.shape == (3, 3, shape[2], 32) for w in model.weights)
+
+
+def test_the_decoder_crops_the_middle_of_its_map_to_the_images_size():
+    """13x10 images: the decoder's map is 16x12 (4 x ceil(13 / 4) by 4 x ceil(10 / 4)), cropped
+    by one row above and two below, one column on each side."""
+    hidden, output = utils.conv_decoder((13, 10, 2))
+    z = tf.random.normal([2, 5], seed=3)
+    keras.utils.set_random_seed(4)
+    uncropped = output[0](keras.Sequential(hidden)(z))
+    assert uncropped.shape == (2, 16, 12, 2)
+    cropped = keras.Sequential(output[1:])(uncropped)
+    np.testing.assert_array_equal(cropped.numpy().reshape(2, 13, 10, 2), uncropped[:, 1:14, 1:11])
+
+
+def test_an_image_too_small_for_two_strided_convolutions_is_refused_in_one_line(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (150, 6, 9), dtype=np.uint8)
+    np.savez(tmp_path / "small.npz", x_train=x[:100], x_test=x[100:])
+    out = tmp_path / "run"
+    code, err, _ = main(capsys, ae, "--dataset", tmp_path / "small.npz", "--out", out,
+                        "--arch", "conv", "--epochs", "1", "--batch-size", "10")
+    assert code == 2 and len(err) == 1
+    assert "--arch conv needs images of at least 7x7 pixels" in err[0] and "6x9" in err[0]
+    assert not out.exists()
+    # 7x9 is enough
+    x = rng.integers(0, 256, (150, 7, 9), dtype=np.uint8)
+    np.savez(tmp_path / "seven.npz", x_train=x[:100], x_test=x[100:])
+    code, err, _ = main(capsys, vae, "--dataset", tmp_path / "seven.npz", "--out", out,
+                        "--arch", "conv", "--epochs", "1", "--batch-size", "10", "--iw-samples", "2",
+                        "--fd-samples", "0")
+    assert code == 0, err
+
+
+def test_a_convolutional_epoch_trains_as_a_plain_eager_loop_does():
+    """The oracle: the tutorial's loop, one eager step per batch of the same permutation, for
+    the convolutional VAE, its epoch compiled as a graph without XLA on a CPU."""
+    config = vae.make_parser().parse_args(["--z-dim", "3", "--arch", "conv"])
+    x_train = np.random.default_rng(0).integers(0, 256, (50, 13 * 11 * 3), dtype=np.uint8)
+    assert not utils.use_xla("conv") and not tf.config.list_physical_devices("GPU")
+
+    def setup():
+        keras.utils.set_random_seed(1)
+        model = vae.build_model({"z_dim": 3, "arch": "conv"}, (13, 11, 3))
+        optimizer = keras.optimizers.Adam(config.lr)
+        optimizer.build(model.trainable_variables)
+        return model, optimizer, tf.random.Generator.from_seed(2)
+
+    model, optimizer, generator = setup()
+    epoch = utils.compile_epoch(vae.make_train_step(config, model, optimizer, generator),
+                                ["loss"], generator, 16, xla=utils.use_xla("conv"))
+    compiled = float(epoch(tf.constant(x_train))[0]["loss"])
+
+    model2, optimizer2, generator2 = setup()
+    step = vae.make_train_step(config, model2, optimizer2, generator2)
+    order = tf.function(lambda: tf.argsort(generator2.uniform([50])), autograph=False)().numpy()
+    total = 0.0
+    for start in range(0, 50, 16):  # 16, 16, 16, then 2
+        batch = order[start:start + 16]
+        total += float(step(tf.constant(x_train[batch], tf.float32) / 255.0)["loss"]) * len(batch)
+    assert compiled == pytest.approx(total / 50, rel=1e-4)
+    for a, b in zip(model.weights, model2.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_log_px_given_z_is_the_negated_bce_of_each_decoding(arch):
+    model = vae.build_model({"z_dim": 2, "arch": arch}, (8, 7, 1))
+    for layer in model.fc5.weights:  # biases other than their initial zeros
+        layer.assign(tf.random.normal(layer.shape, seed=8))
+    x = tf.random.uniform([3, 56], seed=5)
+    z = tf.random.normal([4, 3, 2], seed=6)
+    expected = -tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=tf.broadcast_to(x, [4, 3, 56]), logits=tf.reshape(model.decode(tf.reshape(z, [12, 2])),
+                                                                 [4, 3, 56])), axis=-1)
+    np.testing.assert_allclose(vae.log_px_given_z(model, x, z), expected, rtol=1e-4)
+
+
+def test_mean_in_chunks_weights_each_chunk_by_its_size():
+    x = tf.reshape(tf.range(10, dtype=tf.float32), [10, 1])
+    fn = lambda rows: {"mean": tf.reduce_mean(rows), "square": tf.reduce_mean(rows ** 2)}  # noqa: E731
+    for chunk in (None, 3, 4, 10, 20):  # the last chunk short, or all at once
+        result = utils.mean_in_chunks(fn, chunk, x)
+        assert float(result["mean"]) == pytest.approx(4.5)
+        assert float(result["square"]) == pytest.approx(28.5)
+
+
+# --- whole runs -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def conv_runs(tiny_data, tmp_path_factory):
+    """Three-epoch --arch conv runs of both scripts on the tiny data, ae.py's an adversarial
+    denoiser with both end-of-run extras: {script: (out, config)}."""
+    runs, compile_epoch, xla = {}, utils.compile_epoch, []
+
+    def spy(*args, **kwargs):  # how each run's epoch is compiled
+        xla.append(kwargs.get("xla", True))
+        return compile_epoch(*args, **kwargs)
+
+    utils.compile_epoch = spy
+    try:
+        for script, flags in ((ae, dict(h_dim=4, adversarial=True, noise=0.3, compare_pca=True,
+                                        export_codes=True)),
+                              (vae, dict(z_dim=3))):
+            out = tmp_path_factory.mktemp(script.__name__) / "run"
+            config = make_config(script, tiny_data[0], out, epochs=3, arch="conv", lr=3e-3, **flags)
+            script.train(config)
+            runs[script] = out, config
+    finally:
+        utils.compile_epoch = compile_epoch
+    runs["xla"] = xla
+    return runs
+
+
+def test_a_convolutional_epoch_on_a_cpu_is_a_graph_without_xla(conv_runs):
+    """XLA's convolutions on a CPU are many times slower than TensorFlow's graph (oneDNN)."""
+    assert not tf.config.list_physical_devices("GPU")
+    assert conv_runs["xla"] == [False, False]
+    assert utils.use_xla("mlp")
+
+
+@pytest.mark.parametrize("script", [ae, vae])
+def test_a_convolutional_run_resumes_exactly(script, conv_runs, tmp_path):
+    out, config = conv_runs[script]
+    check_resume_from_two_epochs_before_the_end(script, config, out, tmp_path)
+
+
+def test_a_convolutional_run_learns_and_writes_what_an_mlp_run_does(conv_runs):
+    out, _ = conv_runs[ae]
+    rows = read_history(out)
+    assert float(rows[-1]["test_bce"]) < float(rows[0]["test_bce"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["flags"]["arch"] == "conv"
+    assert 0 < summary["pca_vs_ae"]["ae"]["bce"] < np.log(2)  # what an untrained model scores
+    with np.load(out / "codes.npz") as codes:
+        assert codes["train_codes"].shape == (600, 4) and codes["test_codes"].shape == (100, 4)
+    for name in ("progress.gif", "ae.keras", "saved_model", "pca_vs_ae.png", "rec_epoch_003.png",
+                 "sample_epoch_003.png"):
+        assert (out / name).exists(), name
+    out, _ = conv_runs[vae]
+    summary = json.loads((out / "summary.json").read_text())
+    assert np.isfinite(summary["test_nll_iw"]) and summary["test_nll_iw"] < summary["test_neg_elbo"] + 1
+
+
+def test_resume_refuses_another_arch(conv_runs, capsys):
+    out, _ = conv_runs[ae]
+    code, err, _ = main(capsys, ae, "--out", out, "--resume", "--arch", "mlp", "--epochs", "4")
+    assert code == 2 and len(err) == 1 and "--arch mlp differs from the run" in err[0], err
+    assert len(read_history(out)) == 3
+
+
+@pytest.mark.parametrize("script", [ae, vae])
+def test_a_convolutional_model_loads_from_its_files_and_applies(script, conv_runs, tiny_data,
+                                                                tmp_path, capsys):
+    out, _ = conv_runs[script]
+    images = tiny_data[1][1][0][:, :, :, None]
+    x = tf.constant(images.reshape(100, -1), tf.float32) / 255.0
+    flags = json.loads((out / "run.json").read_text())["flags"]
+    trained = script.build_model(flags, [28, 28, 1])
+    trained.load_weights(out / script.SCRIPT.weights)
+    loaded = keras.models.load_model(out / script.SCRIPT.keras)
+    assert loaded.arch == "conv"
+    saved = tf.saved_model.load(str(out / "saved_model"))
+    expected = trained.score(x).numpy()
+    np.testing.assert_allclose(loaded.score(x), expected, rtol=1e-5)
+    np.testing.assert_allclose(saved.score(images)["score"], expected, rtol=1e-5)
+    name = sorted(trained.codes(x))[0]
+    np.testing.assert_allclose(saved.encode(images)[name], trained.codes(x)[name], rtol=1e-5, atol=1e-6)
+    np.savez(tmp_path / "x.npz", x_train=images[:50, :, :, 0], x_test=images[50:, :, :, 0])
+    code, err, _ = main(capsys, script, "--out", out, "--apply", tmp_path / "x.npz",
+                        "--to", tmp_path / "applied")
+    assert code == 0, err
+    with open(tmp_path / "applied" / "scores.csv", newline="") as f:
+        scores = {row["path"]: float(row["score"]) for row in csv.DictReader(f)}
+    for i in range(100):
+        assert scores[f"x_{'train' if i < 50 else 'test'}/{i % 50}"] == pytest.approx(expected[i], rel=1e-5)
