@@ -263,7 +263,7 @@ def test_nll_iw(model, x_test, samples, seed, drawn_pixels=20000 * 784, decoded=
     chunks of images that decode about drawn_pixels pixels each, from a stateless seed per chunk;
     each chunk is computed in parts of about `decoded` decodings (one part per call), which runs
     about a third faster on a CPU than whole chunks and leaves the noise, so the figure, as it was
-    (default: 5000, or the model's rows_per_call)."""
+    (default: the model's rows_per_call where it has one, else 5000)."""
     chunk = max(1, drawn_pixels // x_test.shape[1] // samples)
     part = max(1, (decoded or model.rows_per_call or 5000) // samples)
     estimate = tf.function(iw_nll, jit_compile=utils.use_xla(model.arch))

@@ -125,7 +125,8 @@ def test_mean_in_chunks_weights_each_chunk_by_its_size():
 @pytest.fixture(scope="module")
 def conv_runs(tiny_data, tmp_path_factory):
     """Three-epoch --arch conv runs of both scripts on the tiny data, ae.py's an adversarial
-    denoiser with both end-of-run extras: {script: (out, config)}."""
+    denoiser with both end-of-run extras, each call of the models on at most 30 images:
+    {script: (out, config)}."""
     runs, compile_epoch, xla = {}, utils.compile_epoch, []
 
     def spy(*args, **kwargs):  # how each run's epoch is compiled
@@ -133,6 +134,8 @@ def conv_runs(tiny_data, tmp_path_factory):
         return compile_epoch(*args, **kwargs)
 
     utils.compile_epoch = spy
+    rows_per_call = utils.rows_per_call  # parts of 30 of the 100 test images: 30, 30, 30, 10
+    utils.rows_per_call = lambda arch, shape: None if arch == "mlp" else 30
     try:
         for script, flags in ((ae, dict(h_dim=4, adversarial=True, noise=0.3, compare_pca=True,
                                         export_codes=True)),
@@ -142,7 +145,7 @@ def conv_runs(tiny_data, tmp_path_factory):
             script.train(config)
             runs[script] = out, config
     finally:
-        utils.compile_epoch = compile_epoch
+        utils.compile_epoch, utils.rows_per_call = compile_epoch, rows_per_call
     runs["xla"] = xla
     return runs
 
@@ -155,8 +158,9 @@ def test_a_convolutional_epoch_on_a_cpu_is_a_graph_without_xla(conv_runs):
 
 
 @pytest.mark.parametrize("script", [ae, vae])
-def test_a_convolutional_run_resumes_exactly(script, conv_runs, tmp_path):
+def test_a_convolutional_run_resumes_exactly(script, conv_runs, tmp_path, monkeypatch):
     out, config = conv_runs[script]
+    monkeypatch.setattr(utils, "rows_per_call", lambda arch, shape: 30)  # as the runs had it
     check_resume_from_two_epochs_before_the_end(script, config, out, tmp_path)
 
 
@@ -175,6 +179,29 @@ def test_a_convolutional_run_learns_and_writes_what_an_mlp_run_does(conv_runs):
     out, _ = conv_runs[vae]
     summary = json.loads((out / "summary.json").read_text())
     assert np.isfinite(summary["test_nll_iw"]) and summary["test_nll_iw"] < summary["test_neg_elbo"] + 1
+
+
+@pytest.mark.parametrize("script", [ae, vae])
+def test_a_convolutional_runs_test_loss_is_that_of_the_whole_test_set_at_once(script, conv_runs,
+                                                                             tiny_data):
+    """The test figures come from parts of 30 images: together, the whole test set's."""
+    out, config = conv_runs[script]
+    flags = json.loads((out / "run.json").read_text())["flags"]
+    model = script.build_model(flags, [28, 28, 1])
+    model.load_weights(out / script.SCRIPT.weights)
+    x = tf.constant(tiny_data[1][1][0].reshape(100, -1), tf.float32) / 255.0
+    last = read_history(out)[-1]
+    if script is ae:  # a denoiser: the test inputs are noisy, drawn once from the seed
+        x_in = ae.corrupt(x, config.noise, tf.random.stateless_normal(x.shape, seed=[config.seed, 1]))
+        expected = {"test_bce": ae.compute_loss(model, x_in, x)["bce"]}
+    else:  # the test set's eps, kept in the checkpoints
+        eps = tf.Variable(tf.zeros([100, config.z_dim]))
+        tf.train.Checkpoint(eps_test=eps).restore(
+            tf.train.latest_checkpoint(str(out / "checkpoints"))).expect_partial()
+        losses = vae.compute_loss(model, x, eps)
+        expected = {"test_loss": losses["loss"], "test_kl": losses["kl"]}
+    for name, value in expected.items():
+        assert float(last[name]) == pytest.approx(float(value), rel=1e-5), name
 
 
 def test_resume_refuses_another_arch(conv_runs, capsys):
@@ -209,3 +236,26 @@ def test_a_convolutional_model_loads_from_its_files_and_applies(script, conv_run
         scores = {row["path"]: float(row["score"]) for row in csv.DictReader(f)}
     for i in range(100):
         assert scores[f"x_{'train' if i < 50 else 'test'}/{i % 50}"] == pytest.approx(expected[i], rel=1e-5)
+
+
+def test_a_run_from_before_arch_continues_as_the_mlp_it_was(tiny_data, tmp_path, monkeypatch, capsys):
+    """Runs written before --arch existed hold no arch in their checkpoints and run.json."""
+    def strip(obj):  # every "arch", at any depth (run.json's flags)
+        return {k: strip(v) for k, v in obj.items() if k != "arch"} if isinstance(obj, dict) else obj
+
+    def without_arch(write):
+        return lambda obj, *args, **kwargs: write(strip(obj), *args, **kwargs)
+
+    out = tmp_path / "old"
+    with monkeypatch.context() as patch:
+        patch.setattr(json, "dumps", without_arch(json.dumps))
+        patch.setattr(json, "dump", without_arch(json.dump))
+        ae.train(make_config(ae, tiny_data[0], out, h_dim=3, epochs=1))
+    assert "arch" not in json.loads((out / "run.json").read_text())["flags"]
+    args = ["--data-dir", tiny_data[0], "--out", out, "--h-dim", "3", "--batch-size", "100",
+            "--seed", "1", "--fd-samples", "0"]
+    code, err, _ = main(capsys, ae, *args, "--epochs", "2")
+    assert code == 2 and "continue it with" in err[0] and "other script" not in err[0], err
+    code, err, _ = main(capsys, ae, "--out", out, "--resume", "--epochs", "2")
+    assert code == 0, err
+    assert [row["epoch"] for row in read_history(out)] == ["1", "2"]
