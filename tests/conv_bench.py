@@ -76,7 +76,8 @@ def torch_loop(script, x_train, x_test, epochs):
     return times
 
 
-def jax_loop(script, x_train, x_test, epochs):
+def jax_model(script):
+    """The scripts' conv layers in JAX: (initial parameters, loss_fn(params, x, key))."""
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -122,6 +123,16 @@ def jax_loop(script, x_train, x_test, epochs):
         z = mu + jnp.exp(0.5 * log_var) * jax.random.normal(key, mu.shape)
         kl = -0.5 * jnp.sum(1 + log_var - mu ** 2 - jnp.exp(log_var)) / len(x)
         return jnp.sum(bce(decode(p, z), x)) / len(x) + kl
+
+    return params, loss_fn
+
+
+def jax_loop(script, x_train, x_test, epochs):
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    params, loss_fn = jax_model(script)
 
     def adam_step(state, x, key):
         p, m, v, t = state
