@@ -230,20 +230,7 @@ def torch_loop(script, x_train, x_test, epochs):
             rec = nn.functional.binary_cross_entropy_with_logits(decoder(z), x, reduction="sum") / len(x)
             kl = -0.5 * torch.sum(1 + log_var - mu ** 2 - log_var.exp()) / len(x)
             return rec + kl
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    times = []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        for idx in torch.randperm(len(x_all)).split(BATCH):
-            x = x_all[idx].float() / 255.0
-            optimizer.zero_grad()
-            loss = loss_fn(x)
-            loss.backward()
-            optimizer.step()
-        with torch.no_grad():
-            float(loss.detach()), float(loss_fn(x_test))
-        times.append(time.perf_counter() - start)
-    return times
+    return conv_bench.torch_train(model, loss_fn, x_all, x_test, epochs)
 
 
 # --- JAX: a whole epoch as one jitted lax.scan -------------------------------------------------
@@ -280,45 +267,7 @@ def jax_loop(script, x_train, x_test, epochs):
             kl = -0.5 * jnp.sum(1 + log_var - mu ** 2 - jnp.exp(log_var)) / len(x)
             return rec + kl
 
-    def adam_step(state, x, key):
-        params, m, v, t = state
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, key)
-        t = t + 1
-        m = jax.tree.map(lambda m, g: 0.9 * m + 0.1 * g, m, grads)
-        v = jax.tree.map(lambda v, g: 0.999 * v + 0.001 * g * g, v, grads)
-        lr = 1e-3 * jnp.sqrt(1 - 0.999 ** t) / (1 - 0.9 ** t)
-        params = jax.tree.map(lambda p, m, v: p - lr * m / (jnp.sqrt(v) + 1e-7), params, m, v)
-        return (params, m, v, t), loss
-
-    n = len(x_train)
-    n_full = n // BATCH * BATCH
-
-    @jax.jit
-    def epoch(state, x_all, x_test, key):
-        key, perm_key, test_key = jax.random.split(key, 3)
-        order = jax.random.permutation(perm_key, n)
-        batches = order[:n_full].reshape(-1, BATCH)
-
-        def body(state, idx_key):
-            idx, k = idx_key
-            return adam_step(state, x_all[idx].astype(jnp.float32) / 255.0, k)
-
-        state, losses = jax.lax.scan(body, state, (batches, jax.random.split(key, len(batches))))
-        if n_full < n:
-            state, _ = adam_step(state, x_all[order[n_full:]].astype(jnp.float32) / 255.0, key)
-        return state, losses.mean(), loss_fn(state[0], x_test, test_key)
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    state, key, x_all = (params, zeros, zeros, 0), jax.random.PRNGKey(1), jnp.asarray(x_train)
-    x_test = jnp.asarray(x_test, jnp.float32) / 255.0
-    times = []
-    for _ in range(epochs):
-        start = time.perf_counter()
-        key, sub = jax.random.split(key)
-        state, loss, test_loss = epoch(state, x_all, x_test, sub)
-        float(loss), float(test_loss)
-        times.append(time.perf_counter() - start)
-    return times
+    return conv_bench.jax_train(params, loss_fn, x_train, x_test, epochs)
 
 
 def available(module):

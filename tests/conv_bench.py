@@ -59,7 +59,16 @@ def torch_loop(script, x_train, x_test, epochs):
         rec = nn.functional.binary_cross_entropy_with_logits(decoder(z), x, reduction="sum") / len(x)
         return rec - 0.5 * torch.sum(1 + log_var - mu ** 2 - log_var.exp()) / len(x)
 
+    return torch_train(model, loss_fn, x_all, x_test, epochs, TEST_PART)
+
+
+def torch_train(model, loss_fn, x_all, x_test, epochs, test_part=None):
+    """Epoch times of PyTorch training model on loss_fn(x) eagerly (both benchmarks): batches of
+    a fresh permutation of the uint8 tensor x_all, Adam 1e-3, then the loss of x_test (in parts
+    of test_part images, or at once)."""
+    import torch
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    part = test_part or len(x_test)
     times = []
     for _ in range(epochs):
         start = time.perf_counter()
@@ -71,7 +80,7 @@ def torch_loop(script, x_train, x_test, epochs):
             optimizer.step()
         with torch.no_grad():
             float(loss.detach())
-            float(sum(loss_fn(x_test[i:i + TEST_PART]) for i in range(0, len(x_test), TEST_PART)))
+            float(sum(loss_fn(x_test[i:i + part]) for i in range(0, len(x_test), part)))
         times.append(time.perf_counter() - start)
     return times
 
@@ -128,11 +137,16 @@ def jax_model(script):
 
 
 def jax_loop(script, x_train, x_test, epochs):
+    return jax_train(*jax_model(script), x_train, x_test, epochs, TEST_PART)
+
+
+def jax_train(params, loss_fn, x_train, x_test, epochs, test_part=None):
+    """Epoch times of JAX training params on loss_fn(params, x, key) (both benchmarks): each
+    epoch one jitted call, a lax.scan over the batches of a fresh permutation with Adam 1e-3,
+    then the test loss (in lax.map parts of test_part images, or at once)."""
     import jax
     import jax.numpy as jnp
     from jax import lax
-
-    params, loss_fn = jax_model(script)
 
     def adam_step(state, x, key):
         p, m, v, t = state
@@ -160,8 +174,10 @@ def jax_loop(script, x_train, x_test, epochs):
         state, losses = lax.scan(body, state, (batches, jax.random.split(key, len(batches))))
         if n_full < n:
             state, _ = adam_step(state, x_all[order[n_full:]].astype(jnp.float32) / 255.0, key)
-        part = min(TEST_PART, len(x_test))
-        test = lax.map(lambda x: loss_fn(state[0], x, test_key), x_test.reshape(-1, part, 784))
+        if test_part is None:
+            return state, losses.mean(), loss_fn(state[0], x_test, test_key)
+        part = min(test_part, len(x_test))
+        test = lax.map(lambda x: loss_fn(state[0], x, test_key), x_test.reshape(-1, part, x_test.shape[1]))
         return state, losses.mean(), test.mean()
 
     zeros = jax.tree.map(jnp.zeros_like, params)
