@@ -110,6 +110,22 @@ def autoencoders(tiny_data, tmp_path_factory):
     return runs
 
 
+def eager_epoch(step, generator, x_train, batch_size, loss, xla):
+    """The oracle of a compiled epoch: the tutorial's loop, one eager step per batch (the short
+    last one kept) of the permutation compile_epoch draws from generator's state (drawn compiled
+    as the epoch is, with or without XLA, as XLA turns the state into numbers its own way);
+    the epoch's mean of the step's loss."""
+    import tensorflow as tf
+    n = len(x_train)
+    order = tf.function(lambda: tf.argsort(generator.uniform([n])), jit_compile=xla,
+                        autograph=False)().numpy()
+    total = 0.0
+    for start in range(0, n, batch_size):
+        batch = order[start:start + batch_size]
+        total += float(step(tf.constant(x_train[batch], tf.float32) / 255.0)[loss]) * len(batch)
+    return total / n
+
+
 def main(capsys, script, *args):
     """Run script's main in this process: (exit code, stderr lines, stdout)."""
     code = 0
