@@ -206,12 +206,16 @@ def test_signals_act_as_usual_once_the_epochs_are_done(finished_run, tmp_path, m
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_during_the_end_of_run_figures_says_resume_finishes_them(
-        tiny_data, tmp_path, monkeypatch, capsys, sig):
+        tiny_data, tmp_path, monkeypatch, capsys, request, sig):
     """SIGTERM in the importance-weighted estimate ended with exit 143 and no line; SIGINT said
     only "interrupted". Now one line says what stopped and the command that finishes it."""
     data_dir, _ = tiny_data
     out = tmp_path / "run"
     real = vae.test_nll_iw
+    # Ctrl-C as a terminal sends it: a suite started in the background of a script inherits
+    # SIGINT ignored, and the end-of-run figures keep the handler the process started with
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, before))
 
     def signalled(*args):
         os.kill(os.getpid(), sig)
