@@ -2,7 +2,9 @@
 
 import contextlib
 import io
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -172,6 +174,18 @@ def test_the_classifier_is_the_same_whatever_ran_before(trained, tmp_path, monke
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     assert tool.quality.SampleQuality(labelled_data(), "ae.py").facts == trained[1].facts
 
+
+def test_a_cache_of_another_classifier_is_trained_anew(trained, tmp_path, monkeypatch, capsys):
+    """The stride-2 network's weights have the shapes of the pooled one's before it: a cache
+    written by another network loaded into this one without complaint."""
+    home, first, _ = trained
+    shutil.copytree(home / "autoencoder-classifiers", tmp_path / "autoencoder-classifiers")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    (facts,) = (tmp_path / "autoencoder-classifiers").glob("*.json")
+    facts.write_text(json.dumps(dict(first.facts, classifier="conv32-conv64-dense128-v2")))
+    tool.quality.SampleQuality(labelled_data(), "vae.py")
+    assert "training the classifier" in capsys.readouterr().out
+    assert json.loads(facts.read_text())["classifier"] == tool.quality.CLASSIFIER
 
 def test_without_labels_the_figure_is_left_out_and_the_output_says_so(capsys):
     data = labelled_data()
