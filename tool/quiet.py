@@ -62,8 +62,8 @@ def min_log_level():
 
 @contextlib.contextmanager
 def loading_tensorflow():
-    """Around TensorFlow's import and its platform start: Ctrl-C gives one line and exit 130
-    (nothing is written yet), and the C++ records TensorFlow logs while it loads are held back
+    """Around TensorFlow's import and its platform start: Ctrl-C or SIGTERM gives one line and
+    exit 130 or 143 (nothing is written yet), and the C++ records TensorFlow logs while it loads are held back
     below TF_CPP_MIN_LOG_LEVEL (2 unless set: warnings and info) as TensorFlow holds them back
     once started (see LOG_RECORD). Standard error goes through a pipe meanwhile, from which a
     thread passes every other line on. Enter it before anything imports TensorFlow: a second
@@ -79,9 +79,10 @@ def loading_tensorflow():
         yield
         return
 
-    def interrupted(signum, frame):
-        os.write(saved, f"{os.path.basename(sys.argv[0])}: interrupted\n".encode())
-        os._exit(130)
+    def stopped(signum, frame):
+        os.write(saved, f"{os.path.basename(sys.argv[0])}: stopped by {signal.Signals(signum).name}"
+                 " while TensorFlow loaded, so nothing was written\n".encode())
+        os._exit(128 + signum)
 
     def forward():
         while chunk := os.read(read_end, 65536):  # whole writes: a record with its lines
@@ -89,7 +90,8 @@ def loading_tensorflow():
                 os.write(saved, kept)
         os.close(read_end)
 
-    previous = signal.signal(signal.SIGINT, interrupted) if main else None
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, stopped) for s in stops} if main else {}
     forwarder = threading.Thread(target=forward, daemon=True)
     forwarder.start()
     os.dup2(write_end, 2)
@@ -98,8 +100,8 @@ def loading_tensorflow():
         yield
     finally:
         sys.stderr.flush()
-        if main:
-            signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         os.dup2(saved, 2)  # closes the pipe's last write end: the thread reads to its end
         forwarder.join(timeout=5)
         os.close(saved)
