@@ -220,6 +220,21 @@ def test_data_beyond_max_memory_are_refused_before_decoding(tmp_path, monkeypatc
         tool.sources.load_data(config(tmp_path))
 
 
+def test_a_conv_run_counts_the_feature_maps_of_its_training_batch(tmp_path, monkeypatch):
+    """--max-memory counted the pixels only: a conv run of 512 images of 128x128x3 a batch
+    rose 4.4 GiB above one of 64 a batch, past what the check let through."""
+    write_split_folder(tmp_path, size=(20, 30))  # 110 images of 600 bytes: 0.2 MiB held
+    for arch, batch, apply, limit in (("mlp", 64, None, 2**20), ("conv", 4, None, 2**20),
+                                      ("conv", 64, "new.png", 2**20),  # --apply computes in parts
+                                      ("conv", 512, None, 20 * 2**20)):  # a batch of all 110
+        tool.sources.load_data(config(tmp_path, max_memory=limit, arch=arch, batch_size=batch,
+                                      apply=apply))
+    with pytest.raises(tool.errors.DataError, match=r"110 images of 20x30x1 need about 7.9 MiB of "
+                       r"memory to train on, more than --max-memory \(1.0 MiB\); use a smaller "
+                       r"--image-size, a smaller --batch-size or fewer images"):
+        tool.sources.load_data(config(tmp_path, max_memory=2**20, arch="conv", batch_size=64))
+
+
 def test_one_class_folder_or_loose_images_give_no_labels(tmp_path):
     write_split_folder(tmp_path, classes=("only",))
     data = tool.sources.load_data(config(tmp_path))

@@ -146,7 +146,8 @@ def make_parser(description, epochs, out):
                         help="stop at an unreadable image file instead of skipping it")
     parser.add_argument("--max-memory", type=parse_bytes, default=None, metavar="BYTES",
                         help="refuse data whose run needs more memory (about 3.5 bytes per byte "
-                        "of pixels), like 8G (default: half of the memory available)")
+                        "of pixels, and 210 per pixel byte of a --arch conv batch), like 8G "
+                        "(default: half of the memory available)")
     parser.add_argument("--out", default=out, metavar="DIR",
                         help="output folder for grids, history.csv, checkpoints and weights")
     parser.add_argument("--fd-samples", type=sample_count, default=10000, metavar="N",

@@ -130,20 +130,38 @@ def size_text(n):
 MEMORY_PER_PIXEL_BYTE = 3.5
 
 
-def run_bytes(n, pixels):
-    """About the memory a run holds for n images of pixels bytes each."""
-    return int(MEMORY_PER_PIXEL_BYTE * n * pixels)
+# And per byte of pixels of each image in a training batch of --arch conv: the feature maps of
+# the convolutions and their gradients (the MLP's are a few hundred values an image). Measured as
+# the rise of peak memory from --batch-size 64 to 512 with images of 64x64x3 and 128x128x3:
+# 135 and 207 for ae.py, 193 and 165 for vae.py.
+CONV_BATCH_PER_PIXEL_BYTE = 210
+
+
+def run_bytes(n, pixels, batch=0):
+    """About the memory a run holds for n images of pixels bytes each, trained on in batches of
+    batch images through convolutions (0: no convolutions)."""
+    return int(MEMORY_PER_PIXEL_BYTE * n * pixels + CONV_BATCH_PER_PIXEL_BYTE * batch * pixels)
+
+
+def conv_batch(config, n):
+    """The images of a training batch whose feature maps count in run_bytes: --batch-size (at most
+    n) for a --arch conv run, 0 otherwise (an MLP, or --apply, which computes in parts)."""
+    if getattr(config, "arch", "mlp") != "conv" or getattr(config, "apply", None) is not None:
+        return 0
+    return min(config.batch_size, n)
 
 
 def check_memory(where, n, shape, config, limit):
     """Refuse data whose run would need more than limit (see run_bytes; n x height x width x
     channels bytes of pixels)."""
-    need = run_bytes(n, int(np.prod(shape)))
+    batch = conv_batch(config, n)
+    need = run_bytes(n, int(np.prod(shape)), batch)
     if need > limit:
+        smaller = ", a smaller --batch-size" if batch else ""
         raise DataError(f"{where}: {n:,} images of {'x'.join(map(str, shape))} need about "
                         f"{size_text(need)} of memory to train on, more than "
-                        f"{limit_text(config, limit)}; use a smaller --image-size or fewer "
-                        "images, or raise --max-memory")
+                        f"{limit_text(config, limit)}; use a smaller --image-size{smaller} or "
+                        "fewer images, or raise --max-memory")
 
 
 def limit_text(config, limit):
