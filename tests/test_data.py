@@ -325,6 +325,13 @@ def test_a_file_that_is_not_npz_gets_one_line(tmp_path):
     (tmp_path / "d.npz").write_bytes(b"PK\x03\x04 broken")
     with pytest.raises(tool.errors.DataError, match="not a readable .npz file"):
         tool.sources.load_data(config(tmp_path / "d.npz"))
+    # numpy took these for pickles, and its message advised loading them with allow_pickle
+    (tmp_path / "notes.txt").write_text("x_train, x_test\n")
+    np.save(tmp_path / "x.npy", np.zeros((60, 4, 4), np.uint8))
+    for name in ("notes.txt", "x.npy"):
+        with pytest.raises(tool.errors.DataError, match=r"^\S+: not an .npz file \(a zip archive of "
+                           r"arrays, as numpy.savez writes\)$"):
+            tool.sources.load_data(config(tmp_path / name))
 
 
 def test_mnist_comes_from_data_dir_then_keras_cache_then_download(tmp_path, monkeypatch):

@@ -298,6 +298,8 @@ def test_apply_mistakes_are_one_line_and_write_nothing(template_run, tmp_path, c
             (["--out", out, "--apply", tmp_path / "empty", "--to", tmp_path / "r"], "no image files"),
             (["--out", out, "--apply", tmp_path / "nothing", "--to", tmp_path / "r"], "no such file"),
             (["--out", out, "--apply", tmp_path / "one.png", "--to", tmp_path / "file"], "is a file"),
+            (["--out", out, "--apply", tmp_path / "file", "--to", tmp_path / "r"],  # was numpy's
+             "neither an image file (.png, .jpg"),  # advice to load it as a pickle
             (["--out", out, "--apply", tmp_path / "one.png", "--to", out], "holds the run"),
             (["--out", out, "--apply", tmp_path / "one.png", "--to", tmp_path], "holds --apply's"),
             (["--out", out, "--apply", tmp_path / "one.png", "--to", os.path.join(out, "checkpoints")],

@@ -174,6 +174,9 @@ def read_images(path, shape, config):
         if isinstance(pixels, str):
             raise DataError(f"--apply {path}: not a readable image ({pixels})")
         return [os.path.basename(path)], pixels.reshape(1, *shape), []
+    if os.access(path, os.R_OK) and not sources.looks_like_npz(path):  # unreadable: read_npz says so
+        raise DataError(f"--apply {path}: neither an image file ({', '.join(folders.IMAGE_TYPES)}) "
+                        "nor an .npz file (a zip archive of arrays, as numpy.savez writes)")
     conversion = argparse.Namespace(**{**vars(config), "image_size": list(size), "channels": channels})
     (x_train, _), (x_test, _) = sources.read_npz(path, conversion, limit)
     own = x_train.shape[1:3] + ((x_train.shape[3] if x_train.ndim == 4 else 1),)

@@ -224,6 +224,9 @@ def read_npz(path, config, limit):
     y_test from an .npz file, as Keras's mnist.npz holds them; shapes and types are checked
     from the headers before anything is loaded."""
     try:
+        if not looks_like_npz(path):  # numpy takes any other file for a pickle it may not load
+            raise DataError(f"{path}: not an .npz file (a zip archive of arrays, as numpy.savez "
+                            "writes)")
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in ("x_train", "x_test") if k not in npz.files]
             if missing:
@@ -255,6 +258,12 @@ def read_npz(path, config, limit):
     check_labels(path, arrays["x_train"], arrays.get("y_train"), arrays["x_test"],
                  arrays.get("y_test"))
     return ((arrays["x_train"], arrays.get("y_train")), (arrays["x_test"], arrays.get("y_test")))
+
+
+def looks_like_npz(path):
+    """Whether the file at path begins as a zip archive does (an .npz, maybe a damaged one)."""
+    with open(path, "rb") as f:
+        return f.read(4) in (b"PK\x03\x04", b"PK\x05\x06")
 
 
 def npy_header(npz, key):
