@@ -233,6 +233,15 @@ def test_a_conv_run_counts_the_feature_maps_of_its_training_batch(tmp_path, monk
                        r"memory to train on, more than --max-memory \(1.0 MiB\); use a smaller "
                        r"--image-size, a smaller --batch-size or fewer images"):
         tool.sources.load_data(config(tmp_path, max_memory=2**20, arch="conv", batch_size=64))
+    with pytest.raises(tool.errors.DataError, match=r"\(1.0 MiB\); raise --max-memory \(a resumed run "
+                       r"keeps its data and flags\)$"):  # its --batch-size cannot change
+        tool.sources.load_data(config(tmp_path, max_memory=2**20, arch="conv", batch_size=64,
+                                      resume=True))
+    # the batch counts at the size trained on: --image-size 8x8 of 64x64 images, not 64x64
+    x = np.zeros((60, 64, 64, 3), np.uint8)
+    npz = write_npz(tmp_path / "big.npz", x_train=x, x_test=x[:50])
+    tool.sources.load_data(config(npz, max_memory=8 * 2**20, arch="conv", batch_size=64,
+                                  image_size=[8, 8]))
 
 
 def test_one_class_folder_or_loose_images_give_no_labels(tmp_path):

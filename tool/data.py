@@ -151,17 +151,19 @@ def conv_batch(config, n):
     return min(config.batch_size, n)
 
 
-def check_memory(where, n, shape, config, limit):
+def check_memory(where, n, shape, config, limit, converted=True):
     """Refuse data whose run would need more than limit (see run_bytes; n x height x width x
-    channels bytes of pixels)."""
-    batch = conv_batch(config, n)
+    channels bytes of pixels); a conv batch counts at the size trained on (converted)."""
+    batch = conv_batch(config, n) if converted else 0
     need = run_bytes(n, int(np.prod(shape)), batch)
     if need > limit:
         smaller = ", a smaller --batch-size" if batch else ""
+        advice = ("raise --max-memory (a resumed run keeps its data and flags)"
+                  if getattr(config, "resume", False) else
+                  f"use a smaller --image-size{smaller} or fewer images, or raise --max-memory")
         raise DataError(f"{where}: {n:,} images of {'x'.join(map(str, shape))} need about "
                         f"{size_text(need)} of memory to train on, more than "
-                        f"{limit_text(config, limit)}; use a smaller --image-size{smaller} or "
-                        "fewer images, or raise --max-memory")
+                        f"{limit_text(config, limit)}; {advice}")
 
 
 def limit_text(config, limit):

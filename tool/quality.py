@@ -63,13 +63,10 @@ class SampleQuality:
         try:
             model.load_weights(weights)
             with open(facts) as f:
-                self.facts = json.load(f)
-            if not {"test_accuracy", "test_vs_train"} <= set(self.facts):
-                raise KeyError("test_vs_train")
-            if self.facts.get("classifier") != CLASSIFIER:  # weights of another network of
-                raise KeyError("classifier")  # the same shapes load without complaint
+                self.facts = read_facts(json.load(f))
             trained = False
-        except (OSError, ValueError, KeyError, TypeError):  # not there yet, or damaged: train again
+        except (OSError, ValueError, KeyError, TypeError):  # not there yet, or damaged: train again,
+            model = make_classifier(data.shape, len(data.class_names))  # from the seeded start
             self.facts = self.train(model, data, prog)
             trained = True
         features = keras.Model(model.inputs[0], model.get_layer("features").output)
@@ -146,6 +143,16 @@ class FitProgress(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):  # batch: the last of the steps run
         self.shown.update(self.epoch * self.steps + min(batch + 1, self.steps))
+
+
+def read_facts(facts):
+    """The facts kept beside a classifier's weights, checked: ValueError where they are not
+    this network's (another network's weights of the same shapes load without complaint) or are
+    damaged."""
+    if not (isinstance(facts, dict) and facts.get("classifier") == CLASSIFIER
+            and all(isinstance(facts.get(k), float) for k in ("test_accuracy", "test_vs_train"))):
+        raise ValueError("not this classifier's facts")
+    return facts
 
 
 def file_digest(path):

@@ -247,7 +247,8 @@ def read_npz(path, config, limit):
                 raise DataError(f"{path}: x_train holds images of {tr[1:]}, x_test of {te[1:]}; "
                                 "both must have the same shape")
             channels = tr[3] if len(tr) == 4 else 1
-            check_memory(path, tr[0] + te[0], (*tr[1:3], channels), config, limit)  # loaded whole
+            check_memory(path, tr[0] + te[0], (*tr[1:3], channels), config, limit,
+                         converted=False)  # loaded whole
             shape = (*(config.image_size or tr[1:3]), config.channels or channels)
             check_memory(path, tr[0] + te[0], shape, config, limit)
             arrays = {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test") if k in npz.files}
