@@ -63,11 +63,11 @@ def min_log_level():
 @contextlib.contextmanager
 def loading_tensorflow():
     """Around TensorFlow's import and its platform start: Ctrl-C or SIGTERM gives one line and
-    exit 130 or 143 (nothing is written yet), and the C++ records TensorFlow logs while it loads are held back
-    below TF_CPP_MIN_LOG_LEVEL (2 unless set: warnings and info) as TensorFlow holds them back
-    once started (see LOG_RECORD). Standard error goes through a pipe meanwhile, from which a
-    thread passes every other line on. Enter it before anything imports TensorFlow: a second
-    import loads nothing and logs nothing."""
+    exit 130 or 143 (nothing is written yet), and the C++ records TensorFlow logs while it loads
+    are held back below TF_CPP_MIN_LOG_LEVEL (2 unless set: warnings and info) as TensorFlow
+    holds them back once started (see LOG_RECORD). Standard error goes through a pipe meanwhile,
+    from which a thread passes every other line on. Enter it before anything imports
+    TensorFlow: a second import loads nothing and logs nothing."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     level, no_gpu = min_log_level(), not glob.glob("/dev/nvidia[0-9]*")
     main = threading.current_thread() is threading.main_thread()
@@ -90,8 +90,8 @@ def loading_tensorflow():
                 os.write(saved, kept)
         os.close(read_end)
 
-    stops = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, stopped) for s in stops} if main else {}
+    previous = ({s: signal.signal(s, stopped) for s in (signal.SIGINT, signal.SIGTERM)}
+                if main else {})
     forwarder = threading.Thread(target=forward, daemon=True)
     forwarder.start()
     os.dup2(write_end, 2)
