@@ -40,13 +40,14 @@ the epochs at most 8% of the wall time, for both scripts. It also times the whol
 10,000 test images, XLA-compiled, best of 20), against the epoch, and gives the share around
 training that counting it outside the epochs would give. The sample-quality
 classifier is trained and cached before the runs, as it is once per machine; the files and bytes
-each run leaves are counted.
+each run leaves are counted (tests/overhead_bench.py).
 
 With --folder, it measures your-own-images data instead: Fashion-MNIST written out as 70,000 PNG
 files in class folders (train/ and test/), loaded by --dataset FOLDER (time and images per
 second; the target is at most 15 s on a 2-core machine), checked to hold the same pixels and
 labels as the IDX files, and `python ae.py` trained on the folder against the IDX files (the
-seconds per epoch, and the peak memory, which may exceed the IDX run's by the decoded data).
+seconds per epoch, and the peak memory, which may exceed the IDX run's by the decoded data;
+tests/folder_bench.py).
 
 With --one-class, it measures anomaly detection instead: the one-class table of Fashion-MNIST
 for the scripts, PCA and scikit-learn's detectors (see tests/one_class.py).
@@ -55,17 +56,13 @@ With --conv, it measures the epoch of --arch conv against PyTorch and JAX (see t
 """
 
 import argparse
-import contextlib
-import csv
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tool.quiet  # noqa: E402,F401  (first: TensorFlow loads quietly)
 import numpy as np  # noqa: E402
@@ -79,21 +76,14 @@ import tool.quality  # noqa: E402
 import tool.sources  # noqa: E402
 import conv_bench  # noqa: E402  (tests/conv_bench.py)
 import one_class  # noqa: E402  (tests/one_class.py)
+from bench_runs import available, best_seconds, cpu_model, epoch_and_peak, run_script  # noqa: E402
+from folder_bench import folder_benchmark  # noqa: E402
+from overhead_bench import overhead_benchmark  # noqa: E402
 
 BATCH = 512
 WIDTHS = {"ae.py": [784, 256, 128, 20, 128, 256, 784],  # the Dense layers, input to output
           "vae.py": [784, 128, 20, 128, 784]}  # fc2 and fc3 side by side as one 128 -> 20
 Z_DIM = 10
-
-
-def best_seconds(fn, repeats=5):
-    fn()  # trace, compile, warm up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def matmul_rate(n=4096):
@@ -127,43 +117,6 @@ def epoch_flops(widths, n=60000, n_test=10000):
     """An epoch's training and test-set evaluation."""
     macs = [m * k for m, k in zip(widths, widths[1:])]
     return 2 * (3 * sum(macs) - macs[0]) * n + 2 * sum(macs) * n_test
-
-
-def run_script(script, data_dir, out, *args):
-    """Run `python script` as a user would: {"seconds": history.csv's seconds column, "stamps":
-    when each epoch line appeared and "wall": when it ended, in seconds from its start, "peak":
-    its peak RSS in bytes}."""
-    cmd = [sys.executable, os.path.join(ROOT, script), "--out", out, *args]
-    if data_dir:
-        cmd += ["--data-dir", data_dir]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    stamps, peak = [], 0
-    for line in proc.stdout:
-        if line.startswith("epoch "):
-            stamps.append(time.perf_counter() - start)
-        peak = max(peak, peak_rss(proc.pid))
-    if proc.wait():
-        sys.exit(f"benchmark: {' '.join(cmd)} failed")
-    with open(os.path.join(out, "history.csv")) as f:
-        seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
-    return {"seconds": seconds, "stamps": stamps, "wall": time.perf_counter() - start, "peak": peak}
-
-
-def epoch_and_peak(run):
-    """A script run's figures for the speed table: (median training s after the first two
-    epochs, peak RSS bytes)."""
-    return statistics.median(run["seconds"][2:]), run["peak"]
-
-
-def peak_rss(pid):
-    """The process's peak resident memory so far in bytes (VmHWM, Linux), 0 where unknown. Read
-    while it runs: a child's rusage would also count the pages of this process it forked from."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return 0
 
 
 # --- TensorFlow loops: the tutorial's eager one, and one compiled call per batch ---------------
@@ -270,14 +223,6 @@ def jax_loop(script, x_train, x_test, epochs):
     return conv_bench.jax_train(params, loss_fn, x_train, x_test, epochs)
 
 
-def available(module):
-    try:
-        __import__(module)
-        return True
-    except ImportError:
-        return False
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -361,133 +306,6 @@ def main():
     print(f"\nseconds per epoch (training, then the test set's loss); {device}; script runs of {args.epochs} epochs (median of "
           f"epochs 3-{args.epochs}), other runs of {args.loop_epochs} (median of epochs "
           f"2-{args.loop_epochs}); best of {args.repeats} runs each")
-
-
-def time_parts(run, out):
-    """The parts of a script run's wall time, in seconds, and what it left in out."""
-    seconds, stamps, wall = run["seconds"], run["stamps"], run["wall"]
-    between = [b - a - s for a, b, s in zip(stamps, stamps[1:], seconds[1:])]
-    files = [os.path.join(folder, name) for folder, _, names in os.walk(out) for name in names]
-    return {"wall": wall, "train": sum(seconds), "epochs": len(seconds),
-            "start": stamps[0] - seconds[0], "per_epoch": statistics.median(between),
-            "end": wall - stamps[-1], "epoch": statistics.median(seconds[1:]),
-            "files": len(files), "bytes": sum(os.path.getsize(p) for p in files)}
-
-
-def evaluation_seconds(script, x_test):
-    """Best time of the script's loss on the whole test set, XLA-compiled as in the scripts."""
-    x = tf.constant(x_test.reshape(len(x_test), -1), tf.float32) / 255.0
-    model = ae.AE(20, 784) if script == "ae.py" else vae.VAE(Z_DIM, 784)
-    eps = tf.random.normal([len(x_test), Z_DIM])
-
-    @tf.function(jit_compile=True)
-    def evaluate():
-        return ae.compute_loss(model, x, x) if script == "ae.py" else vae.compute_loss(model, x, eps)
-    return best_seconds(lambda: [float(v) for v in evaluate().values()], repeats=20)
-
-
-def overhead_benchmark(args):
-    device = f"CPU: {cpu_model()}, {os.cpu_count()} cores"
-    print(f"{device}; TensorFlow {tf.__version__}", flush=True)
-    config = argparse.Namespace(dataset="fashion-mnist", data_dir=args.data_dir, image_size=None,
-                                channels=None, test_split=0.1, strict=False, max_memory=None)
-    data = tool.sources.load_data(config)
-    tool.quality.SampleQuality(data, "benchmark")  # trained once per machine, then read from its cache
-    if args.epochs_given and args.epochs < 2:
-        sys.exit("benchmark: --overhead needs --epochs 2 or more (the time between two epochs)")
-    extra = ["--epochs", str(args.epochs)] if args.epochs_given else []
-    runs = {script: [] for script in WIDTHS}
-    for repeat in range(args.repeats):
-        for script in WIDTHS:
-            with tempfile.TemporaryDirectory() as out:
-                runs[script].append(time_parts(run_script(script, args.data_dir, out, *extra), out))
-            r = runs[script][-1]
-            print(f"run {repeat + 1}: python {script} {' '.join(extra)}: {r['wall']:.1f} s wall, "
-                  f"{r['train']:.1f} s in epochs", flush=True)
-    print("\n| command | wall | epochs | around the epochs | start-up | between epochs | end "
-          "| test-set evaluation (in each epoch) | around training, evaluation counted outside "
-          "| files | size |\n" + "|---" * 11 + "|")
-    for script, figures in runs.items():
-        r = sorted(figures, key=lambda r: (r["wall"] - r["train"]) / r["wall"])[len(figures) // 2]
-        around = r["wall"] - r["train"]
-        evaluation = evaluation_seconds(script, data.x_test)
-        outside = around + evaluation * r["epochs"]
-        command = f"python {script} {' '.join(extra)}".strip()
-        print(f"| `{command}` | {r['wall']:.1f} s | "
-              f"{r['train']:.1f} s ({r['epochs']} x {r['epoch']:.3f} s) | {around:.1f} s, "
-              f"**{100 * around / r['wall']:.1f}%** | {r['start']:.1f} s | "
-              f"{1000 * r['per_epoch']:.0f} ms | {r['end']:.1f} s | {1000 * evaluation:.0f} ms, "
-              f"{100 * evaluation / r['epoch']:.1f}% of an epoch | {outside:.1f} s, "
-              f"{100 * outside / r['wall']:.1f}% | {r['files']:,} | {r['bytes'] / 1e6:.1f} MB |")
-    print(f"\n{device}; the run with the median share around the epochs of {args.repeats}; the "
-          "target: at most 8% around the epochs (the test-set evaluation is in them)")
-
-
-def export_pngs(root, data):
-    """Write Fashion-MNIST as root/{train,test}/K-NAME/NNNNN.png, K the label; (files, seconds)."""
-    start = time.perf_counter()
-    from PIL import Image
-    for split, (x, y) in zip(("train", "test"), data):
-        for label, name in enumerate(tool.data.CLASS_NAMES):
-            os.makedirs(os.path.join(root, split, f"{label}-{name.replace('/', '-')}"))
-        for k, (image, label) in enumerate(zip(x, y)):
-            name = tool.data.CLASS_NAMES[label].replace("/", "-")
-            Image.fromarray(image).save(os.path.join(root, split, f"{label}-{name}", f"{k:05d}.png"))
-    return sum(len(x) for x, _ in data), time.perf_counter() - start
-
-
-def as_set(x, y):
-    return sorted(zip(y.tolist(), (image.tobytes() for image in x.reshape(len(x), -1))))
-
-
-def folder_benchmark(args):
-    device = f"CPU: {cpu_model()}, {os.cpu_count()} cores"
-    print(f"{device}; TensorFlow {tf.__version__}", flush=True)
-    idx = tool.sources.load_fashion_mnist(args.data_dir)
-    if args.export and os.path.exists(args.export):
-        sys.exit(f"benchmark: --export {args.export} exists already; name a new folder")
-    with (contextlib.nullcontext(args.export) if args.export else tempfile.TemporaryDirectory()) as root:
-        n, seconds = export_pngs(root, idx)
-        print(f"wrote {n:,} PNG files in {seconds:.1f} s", flush=True)
-        config = argparse.Namespace(dataset=root, data_dir=None, image_size=None, channels=None,
-                                    test_split=0.1, strict=False, max_memory=None)
-        loads = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            data = tool.sources.load_data(config)
-            loads.append(time.perf_counter() - start)
-        same = (as_set(data.x_train, data.y_train) == as_set(*idx[0])
-                and as_set(data.x_test, data.y_test) == as_set(*idx[1]))
-        decoded = data.x_train.nbytes + data.x_test.nbytes
-        del data
-        load = statistics.median(loads)
-        print(f"--dataset FOLDER: {n:,} images in {load:.2f} s (median of {args.repeats}: "
-              f"{', '.join(f'{s:.2f}' for s in loads)}), {n / load:,.0f} images/s "
-              f"({'within' if load <= 15 else 'over'} the 15 s target); pixels and labels the same "
-              f"as the IDX files' (as sets): {same}", flush=True)
-        runs = {"IDX files": [], "PNG folder": []}
-        for _ in range(args.repeats):
-            for name, extra in (("IDX files", []), ("PNG folder", ["--dataset", root])):
-                with tempfile.TemporaryDirectory() as out:
-                    runs[name].append(epoch_and_peak(run_script(
-                        "ae.py", None if extra else args.data_dir, out, "--epochs", str(args.epochs),
-                        *extra)))
-        print("\n| ae.py data | s/epoch (best of runs) | peak RSS (largest) |\n|---|---|---|")
-        for name, figures in runs.items():
-            print(f"| {name} | {min(f[0] for f in figures):.3f} | "
-                  f"{max(f[1] for f in figures) / 2**30:.2f} GiB |")
-        extra = max(f[1] for f in runs["PNG folder"]) - max(f[1] for f in runs["IDX files"])
-        print(f"\npeak memory of the folder run minus the IDX run: {extra / 2**20:+.0f} MiB; the decoded "
-              f"data: {decoded / 2**20:.0f} MiB; {device}; {args.epochs} epochs per run, "
-              f"{args.repeats} runs each")
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":

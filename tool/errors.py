@@ -28,7 +28,7 @@ class DataError(UserError, ValueError):
 
 
 class Stopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM outside a run's epochs (where tool.run.Stop answers them)."""
+    """SIGINT or SIGTERM outside a run's epochs (where tool.stop.Stop answers them)."""
 
     def __init__(self, signum=signal.SIGINT):
         super().__init__(signum)
