@@ -35,16 +35,19 @@ class AE(keras.Model):
     """pixels -> 256 -> 128 -> h_dim -> 128 -> 256 -> pixels, ReLU between, the decoder giving
     logits; pixels is height x width x channels (784 for Fashion-MNIST). With arch "conv", for
     images of image_shape (h, w, c), the encoder and decoder are convolutional (utils.conv_encoder
-    and conv_decoder) about the same code. Registered with Keras, so that
+    and conv_decoder, filters wide) about the same code. Registered with Keras, so that
     keras.models.load_model("ae.keras") builds it again once ae is imported."""
 
-    def __init__(self, h_dim=20, pixels=784, arch="mlp", image_shape=None, **kwargs):
+    def __init__(self, h_dim=20, pixels=784, arch="mlp", image_shape=None,
+                 filters=utils.CONV_FILTERS, **kwargs):
         super().__init__(**kwargs)
         self.h_dim, self.pixels, self.arch, self.image_shape = h_dim, pixels, arch, image_shape
-        self.rows_per_call = utils.rows_per_call(arch, image_shape)
+        self.filters = filters
+        self.rows_per_call = utils.rows_per_call(arch, image_shape, filters)
         if arch == "conv":
-            hidden, output = utils.conv_decoder(image_shape)
-            self.encoder = keras.Sequential(utils.conv_encoder(image_shape) + [layers.Dense(h_dim)])
+            hidden, output = utils.conv_decoder(image_shape, filters)
+            self.encoder = keras.Sequential(utils.conv_encoder(image_shape, filters)
+                                            + [layers.Dense(h_dim)])
             self.decoder = keras.Sequential(hidden + output)
             return
         self.encoder = keras.Sequential([
@@ -63,7 +66,7 @@ class AE(keras.Model):
 
     def get_config(self):  # what load_model passes to __init__
         return {**super().get_config(), "h_dim": self.h_dim, "pixels": self.pixels,
-                "arch": self.arch, "image_shape": self.image_shape}
+                "arch": self.arch, "image_shape": self.image_shape, "filters": self.filters}
 
     # What a user does with the trained model (tool.export offers it as a SavedModel too), on
     # images as rows x of pixels in [0, 1]
@@ -232,7 +235,7 @@ def make_models(config, data, x_probe):
     """The autoencoder, with --adversarial its discriminator (else None), built, and their
     optimizers (see make_optimizers)."""
     keras.utils.set_random_seed(config.seed)
-    model = AE(config.h_dim, data.pixels, config.arch, data.shape)
+    model = AE(config.h_dim, data.pixels, config.arch, data.shape, config.filters)
     model(x_probe)  # create the weights
     discriminator = None
     if config.adversarial:
@@ -379,7 +382,7 @@ def make_parser():
 def build_model(flags, shape):
     """The autoencoder of a run with these flags, built for images of shape (h, w, c)."""
     pixels = int(np.prod(shape))
-    model = AE(flags["h_dim"], pixels, flags["arch"], shape)
+    model = AE(flags["h_dim"], pixels, flags["arch"], shape, flags["filters"])
     model(tf.zeros([1, pixels]))
     return model
 

@@ -81,29 +81,32 @@ def triplet_grid(noisy, outputs, clean, shape):
 # --- The convolutional layout (--arch conv): TensorFlow's convolutional VAE tutorial's ----------
 
 CONV_MIN_SIZE = 7  # the smallest height and width two 3x3 convolutions of stride 2 take
+CONV_FILTERS = 32  # the tutorial's width: --filters
 
 
-def conv_encoder(shape):
+def conv_encoder(shape, filters=CONV_FILTERS):
     """The encoder's layers from images as rows (n, h * w * c) to features: two 3x3 convolutions
-    of stride 2 with 32 and 64 filters, ReLU, flattened (the tutorial's, without padding)."""
+    of stride 2 with filters and 2 * filters filters (32 and 64: the tutorial's), ReLU, without
+    padding, flattened."""
     return [layers.Reshape(shape),
-            layers.Conv2D(32, 3, strides=2, activation="relu"),
-            layers.Conv2D(64, 3, strides=2, activation="relu"),
+            layers.Conv2D(filters, 3, strides=2, activation="relu"),
+            layers.Conv2D(2 * filters, 3, strides=2, activation="relu"),
             layers.Flatten()]
 
 
-def conv_decoder(shape):
+def conv_decoder(shape, filters=CONV_FILTERS):
     """The decoder's layers from a code to the logits of images as rows (n, h * w * c), as two
-    lists, (hidden, output): a Dense layer to a map of ceil(h / 4) x ceil(w / 4) x 32 (ReLU), two
-    3x3 transposed convolutions of stride 2 with 64 and 32 filters (ReLU); then one of stride 1
-    to the image's channels, cropped to h x w where h or w is not a multiple of 4, flattened."""
+    lists, (hidden, output): a Dense layer to a map of ceil(h / 4) x ceil(w / 4) x filters (ReLU),
+    two 3x3 transposed convolutions of stride 2 with 2 * filters and filters filters (ReLU; with
+    32, the tutorial's 32, 64 and 32); then one of stride 1 to the image's channels, cropped to
+    h x w where h or w is not a multiple of 4, flattened."""
     h, w, c = shape
     map_h, map_w = -(-h // 4), -(-w // 4)
     crop_h, crop_w = 4 * map_h - h, 4 * map_w - w
-    hidden = [layers.Dense(map_h * map_w * 32, activation="relu"),
-              layers.Reshape((map_h, map_w, 32)),
-              layers.Conv2DTranspose(64, 3, strides=2, padding="same", activation="relu"),
-              layers.Conv2DTranspose(32, 3, strides=2, padding="same", activation="relu")]
+    hidden = [layers.Dense(map_h * map_w * filters, activation="relu"),
+              layers.Reshape((map_h, map_w, filters)),
+              layers.Conv2DTranspose(2 * filters, 3, strides=2, padding="same", activation="relu"),
+              layers.Conv2DTranspose(filters, 3, strides=2, padding="same", activation="relu")]
     output = [layers.Conv2DTranspose(c, 3, padding="same"),
               layers.Cropping2D(((crop_h // 2, crop_h - crop_h // 2),
                                  (crop_w // 2, crop_w - crop_w // 2))),
@@ -111,11 +114,11 @@ def conv_decoder(shape):
     return hidden, output
 
 
-def rows_per_call(arch, shape):
+def rows_per_call(arch, shape, filters=CONV_FILTERS):
     """How many images one call of a model should take, where a call on a whole data set would
     hold too much: all (None) for the MLP, as the tutorial; for convolutions, as many as keep a
-    map of 32 channels of the image's size to about 64 MB."""
-    return None if arch == "mlp" else max(1, 2**19 // (shape[0] * shape[1]))
+    map of filters channels of the image's size to about 64 MB."""
+    return None if arch == "mlp" else max(1, 2**24 // (shape[0] * shape[1] * filters))
 
 
 def use_xla(arch):

@@ -36,17 +36,19 @@ class VAE(keras.Model):
     """Encoder pixels -> 128 -> (mu, log_var) of size z_dim; decoder z_dim -> 128 -> pixels
     logits; pixels is height x width x channels (784 for Fashion-MNIST). With arch "conv", for
     images of image_shape (h, w, c), the encoder's features and the decoder are convolutional
-    (utils.conv_encoder and conv_decoder), as in TensorFlow's convolutional VAE tutorial.
+    (utils.conv_encoder and conv_decoder, filters wide), as in TensorFlow's convolutional VAE tutorial.
     Registered with Keras, so that keras.models.load_model("vae.keras") builds it again once vae
     is imported."""
 
-    def __init__(self, z_dim=10, pixels=784, arch="mlp", image_shape=None, **kwargs):
+    def __init__(self, z_dim=10, pixels=784, arch="mlp", image_shape=None,
+                 filters=utils.CONV_FILTERS, **kwargs):
         super().__init__(**kwargs)
         self.z_dim, self.pixels, self.arch, self.image_shape = z_dim, pixels, arch, image_shape
-        self.rows_per_call = utils.rows_per_call(arch, image_shape)
+        self.filters = filters
+        self.rows_per_call = utils.rows_per_call(arch, image_shape, filters)
         conv = arch == "conv"
-        hidden, output = utils.conv_decoder(image_shape) if conv else (None, None)
-        self.fc1 = (keras.Sequential(utils.conv_encoder(image_shape)) if conv
+        hidden, output = utils.conv_decoder(image_shape, filters) if conv else (None, None)
+        self.fc1 = (keras.Sequential(utils.conv_encoder(image_shape, filters)) if conv
                     else layers.Dense(128, activation="relu"))
         self.fc2 = layers.Dense(z_dim)  # mu
         self.fc3 = layers.Dense(z_dim)  # log_var
@@ -72,7 +74,7 @@ class VAE(keras.Model):
 
     def get_config(self):  # what load_model passes to __init__
         return {**super().get_config(), "z_dim": self.z_dim, "pixels": self.pixels,
-                "arch": self.arch, "image_shape": self.image_shape}
+                "arch": self.arch, "image_shape": self.image_shape, "filters": self.filters}
 
     def build(self, input_shape):
         """Create the weights for rows of input_shape[-1] pixels (what load_model calls)."""
@@ -163,7 +165,7 @@ def train(config):
         x_train, x_test = utils.as_tensors(data.x_train, data.x_test)
         x_probe = x_test[:50]  # the same test images in every epoch's grid
         keras.utils.set_random_seed(config.seed)
-        model = VAE(config.z_dim, data.pixels, config.arch, data.shape)
+        model = VAE(config.z_dim, data.pixels, config.arch, data.shape, config.filters)
         rng = tf.random.Generator.from_seed(config.seed)  # shuffling and eps
         # Fixed probes, drawn once and kept in the checkpoints: z for the sample grid, eps for a
         # test ELBO that changes only when the model does.
@@ -316,7 +318,7 @@ def make_parser():
 def build_model(flags, shape):
     """The VAE of a run with these flags, built for images of shape (h, w, c)."""
     pixels = math.prod(shape)
-    model = VAE(flags["z_dim"], pixels, flags["arch"], shape)
+    model = VAE(flags["z_dim"], pixels, flags["arch"], shape, flags["filters"])
     model.build([None, pixels])
     return model
 

@@ -16,9 +16,8 @@ from conftest import eager_epoch, main, make_config
 from test_runs import check_resume_from_two_epochs_before_the_end, read_history
 
 
-def conv_model(script, shape, code=3):
-    model = script.build_model({"h_dim": code, "z_dim": code, "arch": "conv"}, shape)
-    return model
+def conv_model(script, shape, code=3, filters=32):
+    return script.build_model({"h_dim": code, "z_dim": code, "arch": "conv", "filters": filters}, shape)
 
 
 @pytest.mark.parametrize("shape", [(7, 7, 1), (13, 11, 3), (28, 28, 1), (30, 17, 3)])
@@ -34,6 +33,21 @@ def test_conv_models_take_and_give_images_of_any_size_and_channels(script, shape
     assert model.score(x).shape == (5,)
     # convolutions, not the MLP: a 3x3 filter bank of 32 on the image's channels comes first
     assert any(w.shape == (3, 3, shape[2], 32) for w in model.weights)
+
+
+@pytest.mark.parametrize("script", [ae, vae])
+def test_filters_sets_the_width_of_every_convolution_and_of_the_decoders_map(script):
+    """--filters F: F and 2F filters in the encoder, a map of F channels, 2F and F in the decoder
+    (32: the tutorial's 32, 64; 32; 64, 32), whatever the image size and channels."""
+    def widths(filters):
+        model = conv_model(script, (13, 11, 3), filters=filters)
+        x = tf.random.uniform([2, 13 * 11 * 3], seed=1)
+        assert model.reconstruct(x).shape == (2, 13 * 11 * 3)
+        kernels = [w.shape for w in model.weights if len(w.shape) == 4]  # encoder, then decoder
+        dense_to_map = [w.shape[1] for w in model.weights if len(w.shape) == 2 and w.shape[1] % 16 == 0]
+        return [k[3] for k in kernels[:2]] + [k[2] for k in kernels[2:]], dense_to_map
+    assert widths(32) == ([32, 64, 64, 32, 3], [4 * 3 * 32])  # transposed kernels: (h, w, out, in)
+    assert widths(8) == ([8, 16, 16, 8, 3], [4 * 3 * 8])
 
 
 def test_the_decoder_crops_the_middle_of_its_map_to_the_images_size():
@@ -76,7 +90,7 @@ def test_a_convolutional_epoch_trains_as_a_plain_eager_loop_does():
 
     def setup():
         keras.utils.set_random_seed(1)
-        model = vae.build_model({"z_dim": 3, "arch": "conv"}, (13, 11, 3))
+        model = conv_model(vae, (13, 11, 3))
         optimizer = keras.optimizers.Adam(config.lr)
         optimizer.build(model.trainable_variables)
         return model, optimizer, tf.random.Generator.from_seed(2)
@@ -97,7 +111,7 @@ def test_a_convolutional_epoch_trains_as_a_plain_eager_loop_does():
 
 @pytest.mark.parametrize("arch", ["mlp", "conv"])
 def test_log_px_given_z_is_the_negated_bce_of_each_decoding(arch):
-    model = vae.build_model({"z_dim": 2, "arch": arch}, (8, 7, 1))
+    model = vae.build_model({"z_dim": 2, "arch": arch, "filters": 32}, (8, 7, 1))
     for layer in model.fc5.weights:  # biases other than their initial zeros
         layer.assign(tf.random.normal(layer.shape, seed=8))
     x = tf.random.uniform([3, 56], seed=5)
@@ -132,7 +146,7 @@ def conv_runs(tiny_data, tmp_path_factory):
 
     utils.compile_epoch = spy
     rows_per_call = utils.rows_per_call  # parts of 30 of the 100 test images: 30, 30, 30, 10
-    utils.rows_per_call = lambda arch, shape: None if arch == "mlp" else 30
+    utils.rows_per_call = lambda arch, shape, filters: None if arch == "mlp" else 30
     try:
         for script, flags in ((ae, dict(h_dim=4, adversarial=True, noise=0.3, compare_pca=True,
                                         export_codes=True)),
@@ -157,7 +171,7 @@ def test_a_convolutional_epoch_on_a_cpu_is_a_graph_without_xla(conv_runs):
 @pytest.mark.parametrize("script", [ae, vae])
 def test_a_convolutional_run_resumes_exactly(script, conv_runs, tmp_path, monkeypatch):
     out, config = conv_runs[script]
-    monkeypatch.setattr(utils, "rows_per_call", lambda arch, shape: 30)  # as the runs had it
+    monkeypatch.setattr(utils, "rows_per_call", lambda arch, shape, filters: 30)  # as the runs had it
     check_resume_from_two_epochs_before_the_end(script, config, out, tmp_path)
 
 
@@ -201,11 +215,32 @@ def test_a_convolutional_runs_test_loss_is_that_of_the_whole_test_set_at_once(sc
         assert float(last[name]) == pytest.approx(float(value), rel=1e-5), name
 
 
-def test_resume_refuses_another_arch(conv_runs, capsys):
+def test_resume_refuses_another_arch_or_width(conv_runs, capsys):
     out, _ = conv_runs[ae]
     code, err, _ = main(capsys, ae, "--out", out, "--resume", "--arch", "mlp", "--epochs", "4")
     assert code == 2 and len(err) == 1 and "--arch mlp differs from the run" in err[0], err
+    code, err, _ = main(capsys, ae, "--out", out, "--resume", "--filters", "16", "--epochs", "4")
+    assert code == 2 and len(err) == 1 and "--filters 16 differs from the run" in err[0], err
     assert len(read_history(out)) == 3
+
+
+def test_filters_without_arch_conv_is_refused_in_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err, _ = main(capsys, vae, "--out", out, "--filters", "64", "--epochs", "1")
+    assert code == 2 and err == ["vae.py: error: --filters sets the width of --arch conv; add "
+                                 "--arch conv, or leave --filters out"]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script", [ae, vae])
+def test_a_conv_model_of_another_width_loads_from_its_keras_file_as_it_was(script, tmp_path):
+    model = conv_model(script, (9, 8, 1), filters=8)
+    x = tf.random.uniform([3, 72], seed=2)
+    expected = model.reconstruct(x).numpy()
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert loaded.filters == 8
+    np.testing.assert_allclose(loaded.reconstruct(x), expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("script", [ae, vae])

@@ -233,6 +233,9 @@ def test_a_conv_run_counts_the_feature_maps_of_its_training_batch(tmp_path, monk
                        r"memory to train on, more than --max-memory \(1.0 MiB\); use a smaller "
                        r"--image-size, a smaller --batch-size or fewer images"):
         tool.sources.load_data(config(tmp_path, max_memory=2**20, arch="conv", batch_size=64))
+    with pytest.raises(tool.errors.DataError, match=r"need about 1.2 MiB"):  # twice the maps
+        tool.sources.load_data(config(tmp_path, max_memory=2**20, arch="conv", batch_size=4,
+                                      filters=64))
     with pytest.raises(tool.errors.DataError, match=r"\(1.0 MiB\); raise --max-memory \(a resumed run "
                        r"keeps its data and flags\)$"):  # its --batch-size cannot change
         tool.sources.load_data(config(tmp_path, max_memory=2**20, arch="conv", batch_size=64,

@@ -123,7 +123,7 @@ def test_loader_names_the_file_and_the_fault(tmp_path, case):
 
 def test_loader_rejects_labels_with_images_magic(tmp_path):
     write_dataset(str(tmp_path), n_train=30, n_test=20)
-    path = corrupt(str(tmp_path), "test_labels", idx_bytes(IMAGES[:20]))
+    corrupt(str(tmp_path), "test_labels", idx_bytes(IMAGES[:20]))
     with pytest.raises(tool.errors.DataError, match="expected 0x801"):
         tool.sources.load_fashion_mnist(str(tmp_path))
 

@@ -13,7 +13,8 @@ from utils import write_atomically
 # Flags added after runs were first saved: a run saved without them ran as these say.
 LATER_FLAGS = {"dataset": "fashion-mnist", "image_size": None, "channels": None, "test_split": 0.1,
                "strict": False, "max_memory": None, "fd_samples": 10000, "grid_every": 1,
-               "classes": None, "threshold_quantile": 0.99, "arch": "mlp"}
+               "classes": None, "threshold_quantile": 0.99, "arch": "mlp",
+               "filters": 32}
 
 
 SAVED = {"flags": "run_flags/.ATTRIBUTES/VARIABLE_VALUE",

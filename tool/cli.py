@@ -12,7 +12,7 @@ from tool.errors import DISK_ERRORS, Stopped, UserError, raise_stopped
 from tool.lock import check_unlocked
 from tool.resume import resume_point
 from tool.sources import DEBIAN_DIR
-from utils import CONV_MIN_SIZE
+from utils import CONV_FILTERS, CONV_MIN_SIZE
 
 
 def non_negative(text):
@@ -123,6 +123,10 @@ def make_parser(description, epochs, out):
                         help="the model: the tutorial's MLP, or convolutional (the layers of "
                         "TensorFlow's convolutional VAE tutorial, for images of at least "
                         f"{CONV_MIN_SIZE}x{CONV_MIN_SIZE})")
+    parser.add_argument("--filters", type=positive(int), default=CONV_FILTERS, metavar="F",
+                        help="--arch conv's width: F and 2F filters in the encoder's convolutions, "
+                        "a map of F channels and transposed convolutions of 2F and F in the "
+                        "decoder (32: the tutorial's)")
     parser.add_argument("--dataset", default="fashion-mnist", metavar="DATA",
                         help="fashion-mnist, mnist, a folder of images (PNG, JPEG, BMP, GIF, WebP; "
                         "sub-folders are classes; train/ and test/ folders, if there, are the "
@@ -146,7 +150,7 @@ def make_parser(description, epochs, out):
                         help="stop at an unreadable image file instead of skipping it")
     parser.add_argument("--max-memory", type=parse_bytes, default=None, metavar="BYTES",
                         help="refuse data whose run needs more memory (about 3.5 bytes per byte "
-                        "of pixels, and 210 per pixel byte of a --arch conv batch), like 8G "
+                        "of pixels, and 210 per pixel byte of a --arch conv batch at --filters 32), like 8G "
                         "(default: half of the memory available)")
     parser.add_argument("--out", default=out, metavar="DIR",
                         help="output folder for grids, history.csv, checkpoints and weights")
@@ -186,6 +190,9 @@ def parse_config(parser, script, argv=None):
         for name, value in saved["flags"].items():
             if getattr(given, name, None) is unset:
                 setattr(config, name, value)
+    if config.arch != "conv" and config.filters != CONV_FILTERS:
+        raise UserError("--filters sets the width of --arch conv; add --arch conv, or leave "
+                        "--filters out")
     return config
 
 

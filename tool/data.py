@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from tool.errors import DataError
+from utils import CONV_FILTERS
 
 
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -130,17 +131,19 @@ def size_text(n):
 MEMORY_PER_PIXEL_BYTE = 3.5
 
 
-# And per byte of pixels of each image in a training batch of --arch conv: the feature maps of
-# the convolutions and their gradients (the MLP's are a few hundred values an image). Measured as
-# the rise of peak memory from --batch-size 64 to 512 with images of 64x64x3 and 128x128x3:
-# 135 and 207 for ae.py, 193 and 165 for vae.py.
+# And per byte of pixels of each image in a training batch of --arch conv at --filters 32, in
+# proportion to --filters: the feature maps of the convolutions and their gradients (the MLP's
+# are a few hundred values an image). Measured as the rise of peak memory from --batch-size 64 to
+# 512 with images of 64x64x3 and 128x128x3: 135 and 207 for ae.py, 193 and 165 for vae.py; 327
+# for ae.py at --filters 64 and 64x64x3.
 CONV_BATCH_PER_PIXEL_BYTE = 210
 
 
-def run_bytes(n, pixels, batch=0):
+def run_bytes(n, pixels, batch=0, filters=CONV_FILTERS):
     """About the memory a run holds for n images of pixels bytes each, trained on in batches of
-    batch images through convolutions (0: no convolutions)."""
-    return int(MEMORY_PER_PIXEL_BYTE * n * pixels + CONV_BATCH_PER_PIXEL_BYTE * batch * pixels)
+    batch images through convolutions filters wide (batch 0: no convolutions)."""
+    conv = CONV_BATCH_PER_PIXEL_BYTE * filters / CONV_FILTERS * batch * pixels
+    return int(MEMORY_PER_PIXEL_BYTE * n * pixels + conv)
 
 
 def conv_batch(config, n):
@@ -155,7 +158,7 @@ def check_memory(where, n, shape, config, limit, converted=True):
     """Refuse data whose run would need more than limit (see run_bytes; n x height x width x
     channels bytes of pixels); a conv batch counts at the size trained on (converted)."""
     batch = conv_batch(config, n) if converted else 0
-    need = run_bytes(n, int(np.prod(shape)), batch)
+    need = run_bytes(n, int(np.prod(shape)), batch, getattr(config, "filters", CONV_FILTERS))
     if need > limit:
         smaller = ", a smaller --batch-size" if batch else ""
         advice = ("raise --max-memory (a resumed run keeps its data and flags)"
