@@ -36,9 +36,9 @@ class VAE(keras.Model):
     """Encoder pixels -> 128 -> (mu, log_var) of size z_dim; decoder z_dim -> 128 -> pixels
     logits; pixels is height x width x channels (784 for Fashion-MNIST). With arch "conv", for
     images of image_shape (h, w, c), the encoder's features and the decoder are convolutional
-    (utils.conv_encoder and conv_decoder, filters wide), as in TensorFlow's convolutional VAE tutorial.
-    Registered with Keras, so that keras.models.load_model("vae.keras") builds it again once vae
-    is imported."""
+    (utils.conv_encoder and conv_decoder, filters wide), as in TensorFlow's convolutional VAE
+    tutorial. Registered with Keras, so that keras.models.load_model("vae.keras") builds it again
+    once vae is imported."""
 
     def __init__(self, z_dim=10, pixels=784, arch="mlp", image_shape=None,
                  filters=utils.CONV_FILTERS, **kwargs):

@@ -136,8 +136,8 @@ def test_mean_in_chunks_weights_each_chunk_by_its_size():
 @pytest.fixture(scope="module")
 def conv_runs(tiny_data, tmp_path_factory):
     """Three-epoch --arch conv runs of both scripts on the tiny data, ae.py's an adversarial
-    denoiser with both end-of-run extras, each call of the models on at most 30 images:
-    {script: (out, config)}."""
+    denoiser with both end-of-run extras, vae.py's of --filters 8, each call of the models on at
+    most 30 images: {script: (out, config)}."""
     runs, compile_epoch, xla = {}, utils.compile_epoch, []
 
     def spy(*args, **kwargs):  # how each run's epoch is compiled
@@ -150,7 +150,7 @@ def conv_runs(tiny_data, tmp_path_factory):
     try:
         for script, flags in ((ae, dict(h_dim=4, adversarial=True, noise=0.3, compare_pca=True,
                                         export_codes=True)),
-                              (vae, dict(z_dim=3))):
+                              (vae, dict(z_dim=3, filters=8))):
             out = tmp_path_factory.mktemp(script.__name__) / "run"
             config = make_config(script, tiny_data[0], out, epochs=3, arch="conv", lr=3e-3, **flags)
             script.train(config)
@@ -222,6 +222,9 @@ def test_resume_refuses_another_arch_or_width(conv_runs, capsys):
     code, err, _ = main(capsys, ae, "--out", out, "--resume", "--filters", "16", "--epochs", "4")
     assert code == 2 and len(err) == 1 and "--filters 16 differs from the run" in err[0], err
     assert len(read_history(out)) == 3
+    out, _ = conv_runs[vae]  # of --filters 8, which the user does not give again
+    code, err, _ = main(capsys, vae, "--out", out, "--resume", "--arch", "mlp", "--epochs", "4")
+    assert code == 2 and len(err) == 1 and "--arch mlp differs from the run" in err[0], err
 
 
 def test_filters_without_arch_conv_is_refused_in_one_line(tmp_path, capsys):
@@ -246,14 +249,14 @@ def test_a_conv_model_of_another_width_loads_from_its_keras_file_as_it_was(scrip
 @pytest.mark.parametrize("script", [ae, vae])
 def test_a_convolutional_model_loads_from_its_files_and_applies(script, conv_runs, tiny_data,
                                                                 tmp_path, capsys):
-    out, _ = conv_runs[script]
+    out, config = conv_runs[script]
     images = tiny_data[1][1][0][:, :, :, None]
     x = tf.constant(images.reshape(100, -1), tf.float32) / 255.0
     flags = json.loads((out / "run.json").read_text())["flags"]
     trained = script.build_model(flags, [28, 28, 1])
     trained.load_weights(out / script.SCRIPT.weights)
     loaded = keras.models.load_model(out / script.SCRIPT.keras)
-    assert loaded.arch == "conv"
+    assert loaded.arch == "conv" and loaded.filters == flags["filters"] == config.filters
     saved = tf.saved_model.load(str(out / "saved_model"))
     expected = trained.score(x).numpy()
     np.testing.assert_allclose(loaded.score(x), expected, rtol=1e-5)
@@ -271,9 +274,11 @@ def test_a_convolutional_model_loads_from_its_files_and_applies(script, conv_run
 
 
 def test_a_run_from_before_arch_continues_as_the_mlp_it_was(tiny_data, tmp_path, monkeypatch, capsys):
-    """Runs written before --arch existed hold no arch in their checkpoints and run.json."""
-    def strip(obj):  # every "arch", at any depth (run.json's flags)
-        return {k: strip(v) for k, v in obj.items() if k != "arch"} if isinstance(obj, dict) else obj
+    """Runs written before --arch and --filters existed hold neither in their checkpoints and
+    run.json."""
+    def strip(obj):  # every "arch" and "filters", at any depth (run.json's flags)
+        return ({k: strip(v) for k, v in obj.items() if k not in ("arch", "filters")}
+                if isinstance(obj, dict) else obj)
 
     def without_arch(write):
         return lambda obj, *args, **kwargs: write(strip(obj), *args, **kwargs)
@@ -283,7 +288,7 @@ def test_a_run_from_before_arch_continues_as_the_mlp_it_was(tiny_data, tmp_path,
         patch.setattr(json, "dumps", without_arch(json.dumps))
         patch.setattr(json, "dump", without_arch(json.dump))
         ae.train(make_config(ae, tiny_data[0], out, h_dim=3, epochs=1))
-    assert "arch" not in json.loads((out / "run.json").read_text())["flags"]
+    assert not {"arch", "filters"} & set(json.loads((out / "run.json").read_text())["flags"])
     args = ["--data-dir", tiny_data[0], "--out", out, "--h-dim", "3", "--batch-size", "100",
             "--seed", "1", "--fd-samples", "0"]
     code, err, _ = main(capsys, ae, *args, "--epochs", "2")

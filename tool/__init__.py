@@ -13,9 +13,13 @@
     files        JSON and CSV written whole, folder checks, clean-up, the words for a failed write
     writer       the background writer of an epoch's files
     run          the life of a run in its folder: check, lock, start, epochs, finish
+    stop         what SIGINT and SIGTERM do during a run's epochs
     progress     progress bars and lines, progress.gif
     codes        PCA, k-nearest-neighbour accuracy, code statistics, scatter plots
     quality      sample quality: the Frechet distance in a small classifier's features
+    export       the .keras file and the SavedModel a run writes, to load without the training code
+    apply        --apply: a finished run's model on new images (codes, scores, reconstructions)
+    anomaly      the anomaly threshold, and how well scores tell held-out classes (AUROC)
 
 Arrows point one way: the scripts use this package and utils.py; the package uses utils.py
 (its grids and files written whole); utils.py uses neither.

@@ -209,8 +209,10 @@ def run_threshold(out, epoch):
 
 
 def compute(model, images, chunk=2000):
-    """The codes ({name: (n, d)}), scores (n,) and reconstructions (n, pixels) of images."""
+    """The codes ({name: (n, d)}), scores (n,) and reconstructions (n, pixels) of images, in
+    parts of chunk images, or fewer where the model says (a conv model's rows_per_call)."""
     parts = {"codes": [], "scores": [], "reconstructions": []}
+    chunk = min(chunk, model.rows_per_call or chunk)
     for i in range(0, len(images), chunk):
         x = utils.to_float(images[i:i + chunk])
         parts["codes"].append({k: v.numpy() for k, v in model.codes(x).items()})

@@ -150,8 +150,8 @@ def make_parser(description, epochs, out):
                         help="stop at an unreadable image file instead of skipping it")
     parser.add_argument("--max-memory", type=parse_bytes, default=None, metavar="BYTES",
                         help="refuse data whose run needs more memory (about 3.5 bytes per byte "
-                        "of pixels, and 210 per pixel byte of a --arch conv batch at --filters 32), like 8G "
-                        "(default: half of the memory available)")
+                        "of pixels, and for --arch conv 210 per pixel byte of a batch at --filters "
+                        "32, more for wider), like 8G (default: half of the memory available)")
     parser.add_argument("--out", default=out, metavar="DIR",
                         help="output folder for grids, history.csv, checkpoints and weights")
     parser.add_argument("--fd-samples", type=sample_count, default=10000, metavar="N",
@@ -182,6 +182,10 @@ def parse_config(parser, script, argv=None):
     if config.apply is None and (config.to or config.generate or config.save_reconstructions):
         raise UserError("--to, --generate and --save-reconstructions go with --apply IMAGES; add "
                         "it, or leave them out")
+    if (config.filters != CONV_FILTERS and config.arch != "conv" and not config.resume
+            and config.apply is None):  # a run's own flags: what is refused there says so
+        raise UserError("--filters sets the width of --arch conv; add --arch conv, or leave "
+                        "--filters out")
     if config.resume:
         unset = object()
         given = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(config)}))
@@ -190,9 +194,6 @@ def parse_config(parser, script, argv=None):
         for name, value in saved["flags"].items():
             if getattr(given, name, None) is unset:
                 setattr(config, name, value)
-    if config.arch != "conv" and config.filters != CONV_FILTERS:
-        raise UserError("--filters sets the width of --arch conv; add --arch conv, or leave "
-                        "--filters out")
     return config
 
 
