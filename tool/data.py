@@ -134,8 +134,8 @@ MEMORY_PER_PIXEL_BYTE = 3.5
 # And per byte of pixels of each image in a training batch of --arch conv at --filters 32, in
 # proportion to --filters: the feature maps of the convolutions and their gradients (the MLP's
 # are a few hundred values an image). Measured as the rise of peak memory from --batch-size 64 to
-# 512 with images of 64x64x3 and 128x128x3: 135 and 207 for ae.py, 193 and 165 for vae.py; 327
-# for ae.py at --filters 64 and 64x64x3.
+# 512 with images of 64x64x3 and 128x128x3: 135 and 207 for ae.py, 193 and 165 for vae.py; at
+# 64x64x3 and --filters 64, 327 for ae.py and 330 for vae.py, and at --filters 128, 651 for ae.py.
 CONV_BATCH_PER_PIXEL_BYTE = 210
 
 
