@@ -108,6 +108,18 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def add_model_flags(parser):
+    """--arch and --filters: which model, and how wide its convolutions are."""
+    parser.add_argument("--arch", choices=["mlp", "conv"], default="mlp",
+                        help="the model: the tutorial's MLP, or convolutional (the layers of "
+                        "TensorFlow's convolutional VAE tutorial, for images of at least "
+                        f"{CONV_MIN_SIZE}x{CONV_MIN_SIZE})")
+    parser.add_argument("--filters", type=positive(int), default=CONV_FILTERS, metavar="F",
+                        help="--arch conv's width: F and 2F filters in the encoder's convolutions, "
+                        "a map of F channels and transposed convolutions of 2F and F in the "
+                        "decoder (32: the tutorial's)")
+
+
 def make_parser(description, epochs, out):
     """The flags both scripts take; each adds its own."""
     parser = ArgumentParser(description=description,
@@ -119,14 +131,7 @@ def make_parser(description, epochs, out):
     parser.add_argument("--lr", type=positive(float), default=1e-3, help="Adam learning rate")
     parser.add_argument("--seed", type=seed, default=22,
                         help="random seed (weights, shuffling, noise), 0 to 2**32 - 1")
-    parser.add_argument("--arch", choices=["mlp", "conv"], default="mlp",
-                        help="the model: the tutorial's MLP, or convolutional (the layers of "
-                        "TensorFlow's convolutional VAE tutorial, for images of at least "
-                        f"{CONV_MIN_SIZE}x{CONV_MIN_SIZE})")
-    parser.add_argument("--filters", type=positive(int), default=CONV_FILTERS, metavar="F",
-                        help="--arch conv's width: F and 2F filters in the encoder's convolutions, "
-                        "a map of F channels and transposed convolutions of 2F and F in the "
-                        "decoder (32: the tutorial's)")
+    add_model_flags(parser)
     parser.add_argument("--dataset", default="fashion-mnist", metavar="DATA",
                         help="fashion-mnist, mnist, a folder of images (PNG, JPEG, BMP, GIF, WebP; "
                         "sub-folders are classes; train/ and test/ folders, if there, are the "
